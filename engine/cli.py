@@ -1,0 +1,73 @@
+"""Command line: `python -m engine serve --host 127.0.0.1 --port 7440 --data DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import trio
+
+from .config import DAY_MS, HOUR_MS, Config
+from .server import run_server
+
+log = logging.getLogger("engine")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Inventory reservation engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the server")
+    defaults = Config()
+    serve.add_argument("--host", default=defaults.host, help="listen address (default %(default)s)")
+    serve.add_argument("--port", type=int, default=defaults.port, help="listen port, 0 = any free port (default %(default)s)")
+    serve.add_argument("--data", default=defaults.data_dir, help="data folder (default ./%(default)s)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (reserved; not served yet)")
+    serve.add_argument("--token", default=None, help="require `hello` with this token before any other op")
+    serve.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
+    serve.add_argument("--map-size-mb", type=int, default=defaults.map_size_bytes // 1024**2, help="LMDB map size (address space, not disk)")
+    serve.add_argument("--id-retention-hours", type=float, default=defaults.id_retention_ms / HOUR_MS)
+    serve.add_argument("--log-retention-days", type=float, default=defaults.log_retention_ms / DAY_MS)
+    serve.add_argument("--snapshot-interval-seconds", type=float, default=defaults.snapshot_interval_seconds)
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data,
+        metrics_port=args.metrics_port,
+        token=args.token,
+        max_frame_bytes=args.max_frame_bytes,
+        map_size_bytes=args.map_size_mb * 1024**2,
+        id_retention_ms=int(args.id_retention_hours * HOUR_MS),
+        log_retention_ms=int(args.log_retention_days * DAY_MS),
+        snapshot_interval_seconds=args.snapshot_interval_seconds,
+    )
+
+
+async def _serve_until_signalled(config: Config) -> None:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s: flushing the log and stopping", signal.Signals(signum).name)
+                    shutdown.set()
+                    return
+
+        nursery.start_soon(on_signal)
+        await run_server(config, shutdown=shutdown)
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command == "serve":
+        trio.run(_serve_until_signalled, config_from_args(args))
+    return 0

@@ -1,0 +1,42 @@
+"""Server configuration: every bound the server enforces, with its default and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol import DEFAULT_HOST, DEFAULT_PORT, MAX_FRAME_BYTES
+
+HOUR_MS = 3600 * 1000
+DAY_MS = 24 * HOUR_MS
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT  # 0 = any free port (tests)
+    data_dir: str = "data"
+    metrics_port: int | None = None  # reserved for the metrics issue
+    token: str | None = None  # when set, a connection must `hello` with it first
+
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    # LMDB reserves address space, not disk: a large map costs nothing until used.
+    map_size_bytes: int = 32 * 1024**3
+
+    # Back-pressure. At each bound the server answers `overloaded` or stops reading a socket.
+    connections_max: int = 4096
+    in_flight_per_connection_max: int = 4096  # unanswered requests; then the socket is not read
+    mailbox_messages_max: int = 4096  # per actor
+    actors_running_max: int = 200_000  # awake actor tasks (sleeping SKU-locations cost no task)
+    wal_backlog_max: int = 200_000  # records applied but not yet committed
+
+    # Group commit: one LMDB transaction (one fsync) takes what has gathered, up to this many.
+    records_per_commit_max: int = 20_000
+    actor_idle_seconds: float = 2.0  # an actor with nothing to do for this long goes to sleep
+
+    id_retention_ms: int = DAY_MS  # rid/key remembered at least this long after the end
+    forget_interval_seconds: float = 60.0
+    forget_batch_max: int = 10_000
+    log_retention_ms: int = 7 * DAY_MS  # log records kept (audit, watch) even when a snapshot covers them
+    snapshot_interval_seconds: float = 300.0  # periodic snapshot when anything changed
+    snapshots_kept: int = 2
+    watch_batch_max: int = 1000  # events read from the log per watcher step

@@ -1,0 +1,315 @@
+"""`apply(state, command, now_ms)`: decide what a command does, log it as events, and reply.
+
+Pure: no I/O, no clock (time is `now_ms`), no randomness. The state changes only through
+`apply_event` on the events decided here, so replaying those events reproduces the state.
+
+`unavailable` maps SKU-locations to quantity that other in-flight requests hold tentatively
+(the shell's multi-line coordination). It only ever makes a grant harder, never easier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from protocol import codes
+from protocol import Adjust, Commit, Count, Extend, Get, Lookup, Query, Release, Reserve, Transfer
+
+from .events import (
+    ADJUSTED,
+    COUNTED,
+    EXTENDED,
+    FORGOTTEN,
+    RESERVED,
+    TRANSFERRED,
+    Event,
+    adjust_fingerprint,
+    apply_event,
+    count_fingerprint,
+    line_maps,
+    transfer_fingerprint,
+)
+from .state import COMMITTED, EXPIRED, HELD, RELEASED, Reservation, State, StockKey, reserve_fingerprint
+
+Reply = dict[str, Any]
+NO_TENTATIVE: Mapping[StockKey, int] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """Internal: the expiry timer says `rid` may be due."""
+
+    rid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Internal: drop idempotency memory of reservations closed, and keys used, before a time."""
+
+    closed_before_ms: int
+    limit: int
+
+
+def apply(state: State, command: Any, now_ms: int, unavailable: Mapping[StockKey, int] = NO_TENTATIVE) -> tuple[State, list[Event], Reply]:
+    """Apply `command` at time `now_ms`. Returns `(state, events, reply)`.
+
+    `reply` is a reply map without `id`, with `seq`: the last logged change it reflects. The
+    shell sends it only once the log is durable up to `seq`.
+    """
+    events: list[Event] = []
+    reply = _DECIDERS[type(command)](_Context(state, now_ms, unavailable, events), command)
+    return state, events, reply
+
+
+class _Context:
+    """What a decider needs: the state, the time, and the list the new events go to."""
+
+    __slots__ = ("state", "now_ms", "unavailable", "events")
+
+    def __init__(self, state: State, now_ms: int, unavailable: Mapping[StockKey, int], events: list[Event]):
+        self.state = state
+        self.now_ms = now_ms
+        self.unavailable = unavailable
+        self.events = events
+
+    def emit(self, kind: str, **fields: Any) -> Event:
+        event = {"seq": self.state.seq + 1, "ts_ms": self.now_ms, "type": kind, **fields}
+        apply_event(self.state, event)
+        self.events.append(event)
+        return event
+
+    def free(self, sku: str, loc: str) -> int:
+        """What a new hold may take: available minus other requests' tentative holds."""
+        return self.state.stock(sku, loc).available - self.unavailable.get((sku, loc), 0)
+
+    def stocks_seq(self, keys) -> int:
+        return max((self.state.stock(sku, loc).last_seq for sku, loc in keys), default=0)
+
+
+def _ok(seq: int, **fields: Any) -> Reply:
+    return {"ok": True, **fields, "seq": seq}
+
+
+def _error(seq: int, code: str, message: str, **details: Any) -> Reply:
+    return {"ok": False, "error": code, "message": message, **details, "seq": seq}
+
+
+# -- reservations ----------------------------------------------------------------------------
+
+
+def _reserve(context: _Context, command: Reserve) -> Reply:
+    lines = tuple((line.sku, line.loc, line.qty) for line in command.lines)
+    existing = context.state.reservations.get(command.rid)
+    if existing is not None:
+        if existing.fingerprint() != reserve_fingerprint(lines, command.ttl_ms, command.ref):
+            return _error(existing.last_seq, codes.CONFLICT, f"rid {command.rid!r} was already used for a different reservation")
+        return {**_reserve_reply(existing), "duplicate": True}
+    short = []
+    for sku, loc, qty in lines:
+        free = context.free(sku, loc)
+        if free < qty:
+            short.append({"sku": sku, "loc": loc, "requested": qty, "available": free})
+    if short:
+        seq = context.stocks_seq((sku, loc) for sku, loc, _ in lines)
+        return _error(seq, codes.INSUFFICIENT, f"{len(short)} of {len(lines)} lines cannot be held", lines=short)
+    expires_at_ms = context.now_ms + command.ttl_ms if command.ttl_ms else None
+    context.emit(RESERVED, rid=command.rid, lines=line_maps(lines), ttl_ms=command.ttl_ms, expires_at_ms=expires_at_ms, ref=command.ref)
+    return _reserve_reply(context.state.reservations[command.rid])
+
+
+def _reserve_reply(reservation: Reservation) -> Reply:
+    lines = [
+        {"sku": sku, "loc": loc, "qty": qty, "available": available}
+        for (sku, loc, qty), available in zip(reservation.lines, reservation.granted_available)
+    ]
+    return _ok(reservation.last_seq, rid=reservation.rid, lines=lines, expires_at_ms=reservation.expires_at_ms)
+
+
+def _open_reservation(context: _Context, rid: str) -> Reservation | Reply:
+    """The reservation, after expiring it if its time has passed (a late timer must not let a
+    commit or extend through after `expires_at_ms`); or a `not_found` reply."""
+    reservation = context.state.reservations.get(rid)
+    if reservation is None:
+        return _error(0, codes.NOT_FOUND, f"no reservation with rid {rid!r}")
+    if reservation.state == HELD and reservation.expires_at_ms is not None and reservation.expires_at_ms <= context.now_ms:
+        context.emit(EXPIRED, rid=rid, lines=line_maps(reservation.lines))
+    return reservation
+
+
+def _wrong_state(reservation: Reservation, wanted: str) -> Reply:
+    return _error(
+        reservation.last_seq, codes.INVALID_STATE,
+        f"reservation {reservation.rid!r} is {reservation.state}; cannot {wanted}", state=reservation.state,
+    )
+
+
+def _release(context: _Context, command: Release) -> Reply:
+    reservation = _open_reservation(context, command.rid)
+    if isinstance(reservation, dict):
+        return reservation
+    if reservation.state == RELEASED:
+        return _ok(reservation.last_seq, rid=reservation.rid, state=RELEASED, duplicate=True)
+    if reservation.state != HELD:
+        return _wrong_state(reservation, "release")
+    context.emit(RELEASED, rid=reservation.rid, lines=line_maps(reservation.lines))
+    return _ok(reservation.last_seq, rid=reservation.rid, state=RELEASED)
+
+
+def _commit(context: _Context, command: Commit) -> Reply:
+    reservation = _open_reservation(context, command.rid)
+    if isinstance(reservation, dict):
+        return reservation
+    if reservation.state == COMMITTED:
+        return _ok(reservation.last_seq, rid=reservation.rid, state=COMMITTED, lines=line_maps(reservation.committed), duplicate=True)
+    if reservation.state != HELD:
+        return _wrong_state(reservation, "commit")
+    held = {(sku, loc): qty for sku, loc, qty in reservation.lines}
+    if command.lines is None:
+        shipped = dict(held)
+    else:
+        shipped = {}
+        for line in command.lines:
+            key = (line.sku, line.loc)
+            if key not in held:
+                return _error(reservation.last_seq, codes.INVALID, f"({line.sku!r}, {line.loc!r}) is not a line of reservation {reservation.rid!r}")
+            if line.qty > held[key]:
+                return _error(reservation.last_seq, codes.INVALID, f"cannot commit {line.qty} of ({line.sku!r}, {line.loc!r}): {held[key]} held")
+            shipped[key] = line.qty
+    for (sku, loc), qty in shipped.items():
+        on_hand = context.state.stock(sku, loc).on_hand
+        if qty > on_hand:
+            # Goods cannot leave a location that (after damage or a count) does not have them.
+            return _error(
+                context.stocks_seq(held), codes.INVALID,
+                f"cannot commit {qty} of ({sku!r}, {loc!r}): on_hand is {on_hand}; commit a short pick or record a receipt first",
+            )
+    committed = tuple((sku, loc, shipped.get((sku, loc), 0)) for sku, loc, _ in reservation.lines)
+    context.emit(COMMITTED, rid=reservation.rid, lines=line_maps(committed))
+    return _ok(reservation.last_seq, rid=reservation.rid, state=COMMITTED, lines=line_maps(committed))
+
+
+def _extend(context: _Context, command: Extend) -> Reply:
+    reservation = _open_reservation(context, command.rid)
+    if isinstance(reservation, dict):
+        return reservation
+    if reservation.state != HELD:
+        return _wrong_state(reservation, "extend")
+    expires_at_ms = context.now_ms + command.ttl_ms
+    context.emit(EXTENDED, rid=reservation.rid, ttl_ms=command.ttl_ms, expires_at_ms=expires_at_ms)
+    return _ok(reservation.last_seq, rid=reservation.rid, expires_at_ms=expires_at_ms)
+
+
+def _lookup(context: _Context, command: Lookup) -> Reply:
+    reservation = _open_reservation(context, command.rid)
+    if isinstance(reservation, dict):
+        return reservation
+    reply = _ok(
+        reservation.last_seq, rid=reservation.rid, state=reservation.state, lines=line_maps(reservation.lines),
+        ref=reservation.ref, expires_at_ms=reservation.expires_at_ms,
+    )
+    if reservation.committed is not None:
+        reply["committed"] = line_maps(reservation.committed)
+    return reply
+
+
+def _expire(context: _Context, command: Expire) -> Reply:
+    reservation = _open_reservation(context, command.rid)
+    if isinstance(reservation, dict):
+        return reservation
+    return _ok(reservation.last_seq, rid=reservation.rid, state=reservation.state)
+
+
+def _forget(context: _Context, command: Forget) -> Reply:
+    rids = [
+        r.rid for r in context.state.reservations.values()
+        if r.state != HELD and r.closed_at_ms is not None and r.closed_at_ms < command.closed_before_ms
+    ][: command.limit]
+    keys = [k.key for k in context.state.keys.values() if k.at_ms < command.closed_before_ms][: command.limit]
+    if rids or keys:
+        context.emit(FORGOTTEN, rids=rids, keys=keys)
+    return _ok(context.state.seq, rids=len(rids), keys=len(keys))
+
+
+# -- stock -----------------------------------------------------------------------------------
+
+
+def _known_key(context: _Context, key: str, fingerprint: tuple) -> Reply | None:
+    """The original reply for a retried key, `conflict` for a reused one, None for a new one."""
+    record = context.state.keys.get(key)
+    if record is None:
+        return None
+    if record.fingerprint != fingerprint:
+        return _error(record.last_seq, codes.CONFLICT, f"key {key!r} was already used for a different request")
+    return _ok(record.last_seq, **record.reply, duplicate=True)
+
+
+def _adjust(context: _Context, command: Adjust) -> Reply:
+    known = _known_key(context, command.key, adjust_fingerprint(command.sku, command.loc, command.delta, command.reason))
+    if known is not None:
+        return known
+    stock = context.state.stock(command.sku, command.loc)
+    if stock.on_hand + command.delta < 0:
+        return _error(stock.last_seq, codes.INVALID, f"adjust by {command.delta} would make on_hand negative (on_hand is {stock.on_hand})")
+    context.emit(ADJUSTED, key=command.key, sku=command.sku, loc=command.loc, delta=command.delta, reason=command.reason)
+    return _ok(context.state.seq, **context.state.keys[command.key].reply)
+
+
+def _count(context: _Context, command: Count) -> Reply:
+    known = _known_key(context, command.key, count_fingerprint(command.sku, command.loc, command.on_hand, command.reason))
+    if known is not None:
+        return known
+    variance = command.on_hand - context.state.stock(command.sku, command.loc).on_hand
+    context.emit(COUNTED, key=command.key, sku=command.sku, loc=command.loc, on_hand=command.on_hand, variance=variance, reason=command.reason)
+    return _ok(context.state.seq, **context.state.keys[command.key].reply)
+
+
+def _transfer(context: _Context, command: Transfer) -> Reply:
+    known = _known_key(context, command.key, transfer_fingerprint(command.sku, command.from_loc, command.to_loc, command.qty))
+    if known is not None:
+        return known
+    if command.from_loc == command.to_loc:
+        return _error(0, codes.INVALID, "transfer needs two different locations")
+    free = context.free(command.sku, command.from_loc)
+    if free < command.qty:
+        seq = context.stocks_seq([(command.sku, command.from_loc), (command.sku, command.to_loc)])
+        short = [{"sku": command.sku, "loc": command.from_loc, "requested": command.qty, "available": free}]
+        return _error(seq, codes.INSUFFICIENT, f"only {free} available at {command.from_loc!r}", lines=short)
+    context.emit(TRANSFERRED, key=command.key, sku=command.sku, **{"from": command.from_loc, "to": command.to_loc}, qty=command.qty)
+    return _ok(context.state.seq, **context.state.keys[command.key].reply)
+
+
+def _get(context: _Context, command: Get) -> Reply:
+    stock = context.state.stock(command.sku, command.loc)
+    return _ok(stock.last_seq, sku=command.sku, loc=command.loc, **stock.figures())
+
+
+def _query(context: _Context, command: Query) -> Reply:
+    locations = []
+    total = {"on_hand": 0, "reserved": 0, "available": 0}
+    seq = 0
+    for loc in sorted(context.state.locations.get(command.sku, ())):
+        stock = context.state.stocks[(command.sku, loc)]
+        figures = stock.figures()
+        locations.append({"loc": loc, **figures})
+        for name, value in figures.items():
+            total[name] += value
+        seq = max(seq, stock.last_seq)
+    return _ok(seq, sku=command.sku, locations=locations, total=total)
+
+
+_DECIDERS = {
+    Reserve: _reserve,
+    Release: _release,
+    Commit: _commit,
+    Extend: _extend,
+    Lookup: _lookup,
+    Expire: _expire,
+    Forget: _forget,
+    Adjust: _adjust,
+    Count: _count,
+    Transfer: _transfer,
+    Get: _get,
+    Query: _query,
+}
+
+CORE_COMMANDS = tuple(_DECIDERS)

@@ -1,0 +1,117 @@
+"""The server's lifecycle: open storage, recover, serve, and shut down cleanly.
+
+Nursery layout (structured concurrency: every task has a parent):
+  run_server
+  └─ log nursery: the WAL writer (outlives everything that appends to it)
+     └─ service nursery: actors, housekeeping (expiry, id retention, snapshots), listener,
+        connections
+Shutdown: stop the service nursery (no new changes), flush the log, write a snapshot, close.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import trio
+
+from protocol import codes, error_reply, pack
+
+from .actors import Router
+from .config import Config
+from .connection import Connection
+from .recovery import recover
+from .service import Engine, wall_clock_ms
+from .storage import LmdbStorage
+from .wal import WriteAheadLog
+
+log = logging.getLogger("engine.server")
+
+
+@dataclass
+class RunningServer:
+    """What `run_server` hands to `task_status.started`: where it listens, and the engine."""
+
+    host: str
+    port: int
+    engine: Engine
+    shutdown: trio.Event
+    stopped: trio.Event
+
+    def stop(self) -> None:
+        """Ask for a clean shutdown (flush, snapshot, close)."""
+        self.shutdown.set()
+
+    async def aclose(self) -> None:
+        """Shut down cleanly and wait until storage is closed."""
+        self.shutdown.set()
+        await self.stopped.wait()
+
+
+def storage_path(config: Config) -> str:
+    return os.path.join(config.data_dir, "lmdb")
+
+
+async def run_server(
+    config: Config,
+    *,
+    shutdown: trio.Event | None = None,
+    clock_ms: Callable[[], int] = wall_clock_ms,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until `shutdown` is set (or the task is cancelled, which skips the final snapshot)."""
+    shutdown = shutdown if shutdown is not None else trio.Event()
+    stopped = trio.Event()
+    storage = LmdbStorage(storage_path(config), config.map_size_bytes)
+    try:
+        state, replayed = await trio.to_thread.run_sync(recover, storage)
+        wal = WriteAheadLog(storage, config.records_per_commit_max, config.snapshots_kept)
+        async with trio.open_nursery() as log_nursery:
+            log_nursery.start_soon(wal.run)
+            async with trio.open_nursery() as service_nursery:
+                router = Router(service_nursery, config.mailbox_messages_max, config.actors_running_max, config.actor_idle_seconds)
+                engine = Engine(config, state, storage, wal, router, clock_ms)
+                latest = storage.snapshot_seqs()
+                engine.last_snapshot_seq = latest[-1] if latest else 0
+                service_nursery.start_soon(engine.run_housekeeping)
+                listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+                port = listeners[0].socket.getsockname()[1]
+                counters: Counter = Counter()
+                handler = partial(_handle_connection, engine=engine, counters=counters)
+                service_nursery.start_soon(trio.serve_listeners, handler, listeners)
+                log.info("listening on %s:%d (data in %s, seq %d, %d records replayed)", config.host, port, config.data_dir, state.seq, replayed)
+                task_status.started(RunningServer(config.host, port, engine, shutdown, stopped))
+                await shutdown.wait()
+                log.info("shutting down: closing connections")
+                service_nursery.cancel_scope.cancel()
+            await wal.flush()
+            if wal.failure is None and state.seq > engine.last_snapshot_seq:
+                await engine.snapshot()
+            log.info("stopped at seq %d (durable %d)", state.seq, wal.durable_seq)
+            log_nursery.cancel_scope.cancel()
+    finally:
+        storage.close()
+        stopped.set()
+
+
+async def _handle_connection(stream: trio.SocketStream, *, engine: Engine, counters: Counter) -> None:
+    if counters["open"] >= engine.config.connections_max:
+        counters["refused"] += 1
+        reply = error_reply(None, codes.OVERLOADED, f"too many connections ({engine.config.connections_max}); retry later")
+        with trio.move_on_after(1):
+            try:
+                await stream.send_all(pack(reply))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await stream.aclose()
+        return
+    counters["open"] += 1
+    counters["total"] += 1
+    try:
+        await Connection(stream, engine, counters).run()
+    finally:
+        counters["open"] -= 1

@@ -1,0 +1,235 @@
+"""The engine's shell around the pure core: owns the state, routes each command to where it is
+decided, logs the events, and hands every reply back with the seq it must wait for.
+
+Where each command is decided:
+- `get`, `adjust`, `count`, single-line `reserve`, `transfer` (at its source): in the actor of
+  the SKU-location, in order with everything else queued there.
+- multi-line `reserve`: tentative holds at each line's actor, then one decision (`coordinator`).
+- `release`, `commit`, `extend`, `lookup`, expiry, `query`: at once, in the caller's step. They
+  never depend on availability (a release or commit can always be applied), so they need no turn
+  in a mailbox; applying them synchronously keeps every stock's history in log order.
+A request naming a rid whose `reserve` is still in flight waits for that reserve to finish.
+
+Every state change happens in a synchronous step that also appends its events to the WAL, so
+the order of the log is the order in which the state changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from typing import Any, Callable
+
+import trio
+
+from protocol import MUTATING_COMMANDS, Adjust, Commit, Count, Extend, Get, Lookup, Query, Release, Reserve, Transfer, codes, error_reply
+
+from .actors import Router
+from .config import Config
+from .coordinator import MultiLineHold
+from .core import Expire, Forget, State, StockKey, apply
+from .core.events import EXTENDED, RESERVED
+from .expiry import ExpiryScheduler
+from .storage import LmdbStorage
+from .wal import WriteAheadLog
+
+log = logging.getLogger("engine")
+
+ReplySink = Callable[[dict[str, Any]], None]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Engine:
+    """Routes validated commands; `submit` calls `reply_to(reply)` exactly once per command.
+
+    The reply map carries `seq`: the caller must not send it before `wal.durable_seq >= seq`.
+    """
+
+    def __init__(self, config: Config, state: State, storage: LmdbStorage, wal: WriteAheadLog, router: Router, clock_ms: Callable[[], int] = wall_clock_ms):
+        assert state.seq == wal.appended_seq, f"state at {state.seq}, log at {wal.appended_seq}"
+        self.config = config
+        self.state = state
+        self.storage = storage
+        self.wal = wal
+        self.router = router
+        self.clock_ms = clock_ms
+        self.tentative: dict[StockKey, int] = {}
+        self._pending_rids: dict[str, deque[Callable[[], None]]] = {}
+        self.expiry = ExpiryScheduler(clock_ms, self._expire)
+        self.requests = Counter()
+        self.errors = Counter()
+        self.started_at_ms = clock_ms()
+        self.last_snapshot_seq = 0
+        for reservation in state.reservations.values():
+            if reservation.state == "held" and reservation.expires_at_ms is not None:
+                self.expiry.schedule(reservation.expires_at_ms, reservation.rid)
+
+    # -- entry point -------------------------------------------------------------------------
+
+    def submit(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
+        """Route one validated core command. `reply_to` is called once, now or later."""
+        self.requests[type(command).__name__.lower()] += 1
+        if self.wal.failure is not None:
+            reply_to(error_reply(request_id, codes.INTERNAL, self.wal.failure))
+            return
+        if isinstance(command, MUTATING_COMMANDS) and self.wal.backlog >= self.config.wal_backlog_max:
+            reply_to(self._overloaded(request_id, f"write-ahead log backlog is at its bound ({self.config.wal_backlog_max} records)"))
+            return
+        if isinstance(command, Reserve):
+            self._with_rid(command.rid, lambda: self._reserve(request_id, command, reply_to))
+        elif isinstance(command, (Release, Commit, Extend, Lookup)):
+            self._with_rid(command.rid, lambda: self._decide(request_id, command, reply_to))
+        elif isinstance(command, (Get, Adjust, Count)):
+            self._at_actor((command.sku, command.loc), request_id, command, reply_to)
+        elif isinstance(command, Transfer):
+            self._at_actor((command.sku, command.from_loc), request_id, command, reply_to)
+        elif isinstance(command, Query):
+            self._decide(request_id, command, reply_to)
+        else:
+            raise AssertionError(f"not a core command: {command!r}")
+
+    def _overloaded(self, request_id: int | None, why: str) -> dict[str, Any]:
+        self.errors[codes.OVERLOADED] += 1
+        return error_reply(request_id, codes.OVERLOADED, f"server overloaded: {why}; retry later", seq=0)
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    def _decide(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
+        """Apply one command through the core, log its events, and hand back the reply."""
+        if self.wal.failure is not None:
+            reply_to(error_reply(request_id, codes.INTERNAL, self.wal.failure))
+            return
+        _, events, reply = apply(self.state, command, self.clock_ms(), self.tentative)
+        if events:
+            self.wal.append(events)
+            for event in events:
+                if event["type"] in (RESERVED, EXTENDED) and event["expires_at_ms"] is not None:
+                    self.expiry.schedule(event["expires_at_ms"], event["rid"])
+        if not reply["ok"]:
+            self.errors[reply["error"]] += 1
+        reply_to({"id": request_id, **reply})
+
+    def _at_actor(self, key: StockKey, request_id: int | None, command: Any, reply_to: ReplySink, then: Callable[[], None] | None = None) -> bool:
+        if not self.router.has_room([key]):
+            reply_to(self._overloaded(request_id, f"the queue of {key!r} is full"))
+            return False
+
+        def message() -> None:
+            self._decide(request_id, command, reply_to)
+            if then is not None:
+                then()
+
+        self.router.send(key, message)
+        return True
+
+    # -- reservations ------------------------------------------------------------------------
+
+    def _with_rid(self, rid: str, job: Callable[[], None]) -> None:
+        """Run `job` now, or after the in-flight `reserve` of `rid` has been decided."""
+        waiting = self._pending_rids.get(rid)
+        if waiting is None:
+            job()
+        else:
+            waiting.append(job)
+
+    def _rid_decided(self, rid: str) -> None:
+        waiting = self._pending_rids.pop(rid)
+        while waiting:
+            waiting.popleft()()
+            if rid in self._pending_rids:  # that job was another reserve of this rid: queue behind it
+                self._pending_rids[rid].extend(waiting)
+                return
+
+    def _reserve(self, request_id: int | None, command: Reserve, reply_to: ReplySink) -> None:
+        keys = [(line.sku, line.loc) for line in command.lines]
+        if command.rid in self.state.reservations:  # a retry: the core answers from memory
+            self._decide(request_id, command, reply_to)
+            return
+        if not self.router.has_room(keys):
+            reply_to(self._overloaded(request_id, "a SKU-location queue is full"))
+            return
+        self._pending_rids[command.rid] = deque()
+
+        def decide() -> None:
+            self._decide(request_id, command, reply_to)
+            self._rid_decided(command.rid)
+
+        if len(keys) == 1:
+            self._at_actor(keys[0], request_id, command, reply_to, then=lambda: self._rid_decided(command.rid))
+        else:
+            lines = [((line.sku, line.loc), line.qty) for line in command.lines]
+            MultiLineHold(lines, self.tentative, self._available, decide).start(self.router)
+
+    def _available(self, key: StockKey) -> int:
+        return self.state.stock(*key).available
+
+    def _expire(self, rid: str) -> None:
+        self._with_rid(rid, lambda: self._decide(None, Expire(rid), _ignore_reply))
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    async def snapshot(self) -> int:
+        """Write a snapshot of the whole state; return the seq it covers (durable on return)."""
+        snapshot = self.state.to_snapshot()
+        await self.wal.save_snapshot(snapshot)
+        self.last_snapshot_seq = snapshot["seq"]
+        cutoff_ms = self.clock_ms() - self.config.log_retention_ms
+        await trio.to_thread.run_sync(self.storage.trim, snapshot["seq"], cutoff_ms, 100_000)
+        log.info("snapshot at seq %d", snapshot["seq"])
+        return snapshot["seq"]
+
+    def forget_old_ids(self) -> None:
+        """Drop idempotency memory older than the retention (logged, so replay agrees)."""
+        cutoff_ms = self.clock_ms() - self.config.id_retention_ms
+        self._decide(None, Forget(cutoff_ms, self.config.forget_batch_max), _ignore_reply)
+
+    async def run_housekeeping(self) -> None:
+        """Expiry timers, id retention and periodic snapshots, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.expiry.run)
+            nursery.start_soon(self._every, self.config.forget_interval_seconds, self.forget_old_ids)
+            nursery.start_soon(self._periodic_snapshots)
+
+    @staticmethod
+    async def _every(interval_seconds: float, job: Callable[[], None]) -> None:
+        while True:
+            await trio.sleep(interval_seconds)
+            job()
+
+    async def _periodic_snapshots(self) -> None:
+        while True:
+            await trio.sleep(self.config.snapshot_interval_seconds)
+            if self.state.seq > self.last_snapshot_seq and self.wal.failure is None:
+                try:
+                    await self.snapshot()
+                except RuntimeError as error:
+                    log.error("periodic snapshot failed: %s", error)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "uptime_ms": self.clock_ms() - self.started_at_ms,
+            "applied_seq": self.state.seq,
+            "stocks": len(self.state.stocks),
+            "reservations": len(self.state.reservations),
+            "held": sum(1 for r in self.state.reservations.values() if r.state == "held"),
+            "keys": len(self.state.keys),
+            "actors_running": self.router.actors_running,
+            "actors_started": self.router.actors_started,
+            "actor_messages": self.router.messages_processed,
+            "actor_wakeups": self.router.wakeups,
+            "tentative_holds": len(self.tentative),
+            "rids_in_flight": len(self._pending_rids),
+            "expiry_timers": len(self.expiry),
+            "last_snapshot_seq": self.last_snapshot_seq,
+            "requests": dict(self.requests),
+            "errors": dict(self.errors),
+            "wal": self.wal.stats(),
+        }
+
+
+def _ignore_reply(reply: dict[str, Any]) -> None:
+    pass

@@ -1,0 +1,175 @@
+"""LMDB storage: the write-ahead log and the snapshots, behind four calls.
+
+`append(events)`, `read(from_seq, limit)`, `save_snapshot(snapshot)`, `latest_snapshot()` (plus
+`trim` and bookkeeping). Every call blocks (LMDB commits fsync): the shell runs them in a worker
+thread. Keep this interface small so a replicated log can implement it later.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+import lmdb
+import msgpack
+
+from .core import Event, check_event
+
+_SEQ = struct.Struct(">Q")  # big-endian so LMDB's byte order is seq order
+
+
+def _key(seq: int) -> bytes:
+    return _SEQ.pack(seq)
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+
+
+class StorageError(Exception):
+    """The log could not be written; nothing in the failed batch is durable."""
+
+
+class LmdbStorage:
+    """One LMDB environment in `path` with two databases: `log` (seq -> event) and
+    `snapshots` (seq -> full state)."""
+
+    def __init__(self, path: str, map_size_bytes: int):
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self._env = lmdb.open(
+            path,
+            map_size=map_size_bytes,
+            subdir=True,
+            max_dbs=4,
+            sync=True,  # every write transaction fsyncs: an ack means on disk
+            metasync=True,
+            map_async=False,
+            writemap=False,  # a stray pointer cannot corrupt the map
+            readahead=False,  # random reads of a large map; readahead only evicts
+            lock=True,
+            max_readers=256,
+        )
+        self._log = self._env.open_db(b"log")
+        self._snapshots = self._env.open_db(b"snapshots")
+        self._last_seq = self._read_last_seq()
+
+    def close(self) -> None:
+        self._env.close()
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last record appended (0 for an empty log)."""
+        return self._last_seq
+
+    def _read_last_seq(self) -> int:
+        with self._env.begin(db=self._log) as txn:
+            cursor = txn.cursor()
+            if cursor.last():
+                return _SEQ.unpack(cursor.key())[0]
+        latest = self.latest_snapshot()
+        return latest["seq"] if latest else 0
+
+    def first_seq(self) -> int | None:
+        """The oldest retained log record's seq, or None when the log is empty."""
+        with self._env.begin(db=self._log) as txn:
+            cursor = txn.cursor()
+            if cursor.first():
+                return _SEQ.unpack(cursor.key())[0]
+        return None
+
+    def append(self, events: list[Event]) -> int:
+        """Write `events` (consecutive seqs following `last_seq`) in one durable transaction."""
+        assert events
+        expected = self._last_seq + 1
+        records = []
+        for event in events:
+            check_event(event)
+            assert event["seq"] == expected, f"append of seq {event['seq']}, expected {expected}"
+            expected += 1
+            records.append((_key(event["seq"]), _pack(event)))
+        try:
+            with self._env.begin(write=True, db=self._log) as txn:
+                with txn.cursor() as cursor:
+                    cursor.putmulti(records, append=True)
+        except lmdb.Error as error:
+            raise StorageError(f"write-ahead log commit failed: {type(error).__name__}: {error}") from error
+        self._last_seq = events[-1]["seq"]
+        return self._last_seq
+
+    def read(self, from_seq: int, limit: int, through_seq: int | None = None) -> list[Event]:
+        """Up to `limit` events with `from_seq <= seq <= through_seq`, in seq order."""
+        events: list[Event] = []
+        with self._env.begin(db=self._log) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(_key(max(from_seq, 1))):
+                return events
+            for key, value in cursor:
+                seq = _SEQ.unpack(key)[0]
+                if through_seq is not None and seq > through_seq:
+                    break
+                event = _unpack(value)
+                check_event(event)
+                assert event["seq"] == seq, f"record under key {seq} holds seq {event['seq']}"
+                events.append(event)
+                if len(events) >= limit:
+                    break
+        return events
+
+    def save_snapshot(self, snapshot: dict[str, Any], keep: int = 2) -> None:
+        """Store a full-state snapshot under its seq and drop all but the newest `keep`."""
+        seq = snapshot["seq"]
+        assert seq <= self._last_seq, f"snapshot at {seq} is ahead of the log ({self._last_seq})"
+        data = _pack(snapshot)
+        try:
+            with self._env.begin(write=True, db=self._snapshots) as txn:
+                txn.put(_key(seq), data)
+                cursor = txn.cursor()
+                seqs = [key for key, _ in cursor]
+                for key in seqs[: max(0, len(seqs) - keep)]:
+                    txn.delete(key)
+        except lmdb.Error as error:
+            raise StorageError(f"snapshot write failed: {type(error).__name__}: {error}") from error
+
+    def latest_snapshot(self) -> dict[str, Any] | None:
+        with self._env.begin(db=self._snapshots) as txn:
+            cursor = txn.cursor()
+            if not cursor.last():
+                return None
+            seq = _SEQ.unpack(cursor.key())[0]
+            snapshot = _unpack(cursor.value())
+        assert snapshot["seq"] == seq, f"snapshot under key {seq} covers seq {snapshot['seq']}"
+        return snapshot
+
+    def snapshot_seqs(self) -> list[int]:
+        with self._env.begin(db=self._snapshots) as txn:
+            return [_SEQ.unpack(key)[0] for key in txn.cursor().iternext(keys=True, values=False)]
+
+    def trim(self, through_seq: int, before_ts_ms: int, limit: int) -> int:
+        """Delete up to `limit` oldest records with seq <= through_seq and ts_ms < before_ts_ms.
+        Callers pass a snapshot's seq, so replay never needs what is deleted."""
+        deleted = 0
+        with self._env.begin(write=True, db=self._log) as txn:
+            cursor = txn.cursor()
+            if not cursor.first():
+                return 0
+            while deleted < limit:
+                seq = _SEQ.unpack(cursor.key())[0]
+                if seq > through_seq or _unpack(cursor.value())["ts_ms"] >= before_ts_ms:
+                    break
+                if not cursor.delete():  # moves to the next record
+                    break
+                deleted += 1
+                if cursor.key() == b"":
+                    break
+        return deleted
+
+    def stats(self) -> dict[str, int]:
+        info = self._env.info()
+        stat = self._env.stat()
+        return {"map_size_bytes": info["map_size"], "last_seq": self._last_seq, "page_size": stat["psize"]}

@@ -1,0 +1,144 @@
+"""Group commit: one writer task turns everything applied since the last fsync into one LMDB
+transaction, run in a worker thread so the event loop never waits on the disk.
+
+Records are applied to the in-memory state before they are durable; replies wait for
+`durable_seq` to reach the seq they reflect. There is one ordered log, so what is durable is
+always a prefix of what was applied, and no reply ever shows more than that prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import trio
+
+from .core import Event
+from .storage import LmdbStorage
+
+log = logging.getLogger("engine.wal")
+
+
+class WriteAheadLog:
+    def __init__(self, storage: LmdbStorage, records_per_commit_max: int, snapshots_kept: int):
+        assert records_per_commit_max >= 1
+        self._storage = storage
+        self._records_per_commit_max = records_per_commit_max
+        self._snapshots_kept = snapshots_kept
+        self._queue: deque[Event] = deque()
+        # Each request: [snapshot, done event, error message or None].
+        self._snapshot_requests: list[list[Any]] = []
+        self._work = trio.Event()
+        self._durable_changed = trio.Event()
+        self.appended_seq = storage.last_seq  # last seq handed to append()
+        self.durable_seq = storage.last_seq
+        self.failure: str | None = None  # set once a commit fails; nothing is acked after it
+        self.commits = 0
+        self.records_committed = 0
+        self.commit_seconds_total = 0.0
+        self.commit_records_max = 0
+
+    @property
+    def backlog(self) -> int:
+        """Records applied in memory and not yet durable."""
+        return self.appended_seq - self.durable_seq
+
+    def append(self, events: list[Event]) -> None:
+        """Queue records for the next commit. Synchronous: called where the events were applied,
+        so that log order is exactly the order in which the state changed."""
+        for event in events:
+            assert event["seq"] == self.appended_seq + 1, f"seq {event['seq']} after {self.appended_seq}"
+            self.appended_seq = event["seq"]
+            self._queue.append(event)
+        self._work.set()
+
+    async def wait_durable_changed(self) -> None:
+        """Return after the next change of `durable_seq` (or of `failure`)."""
+        await self._durable_changed.wait()
+
+    async def wait_durable(self, seq: int) -> None:
+        while self.durable_seq < seq and self.failure is None:
+            await self._durable_changed.wait()
+
+    async def save_snapshot(self, snapshot: dict[str, Any]) -> None:
+        """Write `snapshot` once every record it covers is durable; return when it is stored."""
+        request: list[Any] = [snapshot, trio.Event(), None]
+        self._snapshot_requests.append(request)
+        self._work.set()
+        await request[1].wait()
+        error = self.failure or request[2]
+        if error is not None:
+            raise RuntimeError(error)
+
+    def _broadcast(self) -> None:
+        event, self._durable_changed = self._durable_changed, trio.Event()
+        event.set()
+
+    async def run(self) -> None:
+        """The writer loop. Runs until cancelled; on a failed commit it records why and stops."""
+        while True:
+            await self._work.wait()
+            self._work = trio.Event()
+            while self._queue and self.failure is None:
+                await self._commit_batch()
+            if self.failure is None:
+                await self._write_snapshots()
+            if self.failure is not None:
+                self._fail_snapshots()
+                self._broadcast()
+                return
+
+    async def _commit_batch(self) -> None:
+        count = min(len(self._queue), self._records_per_commit_max)
+        batch = [self._queue.popleft() for _ in range(count)]
+        started = time.perf_counter()
+        try:
+            # Not cancellable: a commit in flight finishes (or fails) before shutdown goes on.
+            await trio.to_thread.run_sync(self._storage.append, batch)
+        except Exception as error:  # StorageError, or a bug in a record: stop acknowledging
+            self.failure = f"write-ahead log stopped at seq {self.durable_seq}: {error}"
+            log.critical("%s; the server acknowledges nothing more and must be restarted", self.failure)
+            return
+        elapsed = time.perf_counter() - started
+        self.commits += 1
+        self.records_committed += count
+        self.commit_seconds_total += elapsed
+        self.commit_records_max = max(self.commit_records_max, count)
+        self.durable_seq = batch[-1]["seq"]
+        self._broadcast()
+
+    async def _write_snapshots(self) -> None:
+        while self._snapshot_requests and not self._queue:
+            request = self._snapshot_requests.pop(0)
+            snapshot, done = request[0], request[1]
+            assert snapshot["seq"] <= self.durable_seq
+            try:
+                await trio.to_thread.run_sync(self._storage.save_snapshot, snapshot, self._snapshots_kept)
+            except Exception as error:
+                # A failed snapshot loses nothing (the log has it all): report, keep serving.
+                log.error("snapshot at seq %d failed: %s", snapshot["seq"], error)
+                request[2] = f"snapshot at seq {snapshot['seq']} failed: {error}"
+            done.set()
+
+    def _fail_snapshots(self) -> None:
+        for request in self._snapshot_requests:
+            request[1].set()
+        self._snapshot_requests.clear()
+
+    async def flush(self) -> None:
+        """Wait until everything appended so far is durable (or the log failed)."""
+        await self.wait_durable(self.appended_seq)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "durable_seq": self.durable_seq,
+            "appended_seq": self.appended_seq,
+            "backlog": self.backlog,
+            "commits": self.commits,
+            "records_committed": self.records_committed,
+            "commit_seconds_total": round(self.commit_seconds_total, 6),
+            "commit_records_max": self.commit_records_max,
+            "failure": self.failure,
+        }

@@ -1,0 +1,59 @@
+"""Wire protocol v1 of the inventory reservation engine.
+
+Sans-IO core (`ServerProtocol`, `ClientProtocol`, typed commands, error codes) plus two pipelining
+clients built on it: `Client` (blocking sockets) and `TrioClient` (trio).
+"""
+
+from ._commands import (
+    MUTATING_COMMANDS,
+    OPS,
+    Adjust,
+    Command,
+    Commit,
+    Count,
+    Extend,
+    Get,
+    Hello,
+    Line,
+    Lookup,
+    Ping,
+    Query,
+    Release,
+    Reserve,
+    Snapshot,
+    Stats,
+    Transfer,
+    Watch,
+    parse_request,
+    read_request_id,
+)
+from ._connection import (
+    ClientProtocol,
+    RequestReceived,
+    RequestRejected,
+    ServerEvent,
+    ServerProtocol,
+    pack,
+)
+from ._errors import (
+    ERROR_CODES,
+    ConnectionClosed,
+    ProtocolViolation,
+    RequestError,
+    ServerError,
+    error_reply,
+)
+from ._framing import FrameDecoder, FrameTooLarge, frame
+from ._limits import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    LINES_PER_RESERVATION_MAX,
+    MAX_FRAME_BYTES,
+    NAME_BYTES_MAX,
+    PROTOCOL_VERSION,
+    QTY_MAX,
+    REF_BYTES_MAX,
+)
+from . import _errors as codes
+from .client import Client
+from .trio_client import TrioClient, open_trio_client

@@ -1,0 +1,320 @@
+"""Typed requests of protocol v1, and the validation that turns a decoded map into one.
+
+Validation is total: any map, whatever it holds, either becomes a command or raises
+`RequestError` with `bad_request`, `unknown_op` (and the request's `id` when it could be read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+from . import _errors as errors
+from ._limits import (
+    CLIENT_NAME_BYTES_MAX,
+    DELTA_MAX,
+    LINES_PER_RESERVATION_MAX,
+    NAME_BYTES_MAX,
+    ON_HAND_MAX,
+    QTY_MAX,
+    REASON_BYTES_MAX,
+    REF_BYTES_MAX,
+    REQUEST_ID_MAX,
+    SEQ_MAX,
+    TOKEN_BYTES_MAX,
+    TTL_MS_MAX,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    sku: str
+    loc: str
+    qty: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    token: str | None = None
+    client: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    rid: str
+    lines: tuple[Line, ...]
+    ttl_ms: int = 0  # 0 = no expiry
+    ref: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    rid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    rid: str
+    lines: tuple[Line, ...] | None = None  # None = every line in full
+
+
+@dataclass(frozen=True, slots=True)
+class Extend:
+    rid: str
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Adjust:
+    key: str
+    sku: str
+    loc: str
+    delta: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    key: str
+    sku: str
+    loc: str
+    on_hand: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    key: str
+    sku: str
+    from_loc: str
+    to_loc: str
+    qty: int
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    sku: str
+    loc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    sku: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    rid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    from_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    pass
+
+
+Command = Union[
+    Hello, Ping, Reserve, Release, Commit, Extend, Adjust, Count, Transfer,
+    Get, Query, Lookup, Watch, Snapshot, Stats,
+]
+
+MUTATING_COMMANDS = (Reserve, Release, Commit, Extend, Adjust, Count, Transfer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field readers. Each raises RequestError(bad_request) naming the field and what was expected.
+
+
+def _is_int(value: Any) -> bool:
+    # msgpack booleans decode to bool, which Python counts as int: a quantity of `true` is wrong.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad(request_id: int | None, message: str) -> errors.RequestError:
+    return errors.RequestError(errors.BAD_REQUEST, message, request_id)
+
+
+def _string(msg: dict, field: str, request_id: int | None, max_bytes: int, required: bool = True) -> str | None:
+    value = msg.get(field)
+    if value is None:
+        if required:
+            raise _bad(request_id, f"missing field '{field}'")
+        return None
+    if not isinstance(value, str):
+        raise _bad(request_id, f"field '{field}' must be a string, got {type(value).__name__}")
+    size = len(value.encode("utf-8"))
+    if size < 1 or size > max_bytes:
+        raise _bad(request_id, f"field '{field}' must be 1 to {max_bytes} UTF-8 bytes, got {size}")
+    return value
+
+
+def _integer(msg: dict, field: str, request_id: int | None, low: int, high: int, required: bool = True) -> int | None:
+    value = msg.get(field)
+    if value is None:
+        if required:
+            raise _bad(request_id, f"missing field '{field}'")
+        return None
+    if not _is_int(value):
+        raise _bad(request_id, f"field '{field}' must be an integer, got {type(value).__name__}")
+    if value < low or value > high:
+        raise _bad(request_id, f"field '{field}' must be between {low} and {high}, got {value}")
+    return value
+
+
+def _lines(msg: dict, field: str, request_id: int | None, qty_min: int, required: bool = True) -> tuple[Line, ...] | None:
+    value = msg.get(field)
+    if value is None:
+        if required:
+            raise _bad(request_id, f"missing field '{field}'")
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise _bad(request_id, f"field '{field}' must be a list of {{sku, loc, qty}}")
+    if not 1 <= len(value) <= LINES_PER_RESERVATION_MAX:
+        raise _bad(request_id, f"field '{field}' must hold 1 to {LINES_PER_RESERVATION_MAX} lines, got {len(value)}")
+    lines = []
+    seen = set()
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise _bad(request_id, f"{field}[{index}] must be a map {{sku, loc, qty}}")
+        where = f"{field}[{index}]"
+        try:
+            sku = _name(item, "sku", request_id)
+            loc = _name(item, "loc", request_id)
+            qty = _integer(item, "qty", request_id, qty_min, QTY_MAX)
+        except errors.RequestError as error:
+            raise _bad(request_id, f"{where}: {error.message}") from None
+        if (sku, loc) in seen:
+            raise _bad(request_id, f"{where}: SKU-location ({sku!r}, {loc!r}) appears more than once")
+        seen.add((sku, loc))
+        lines.append(Line(sku, loc, qty))
+    return tuple(lines)
+
+
+def _name(msg: dict, field: str, request_id: int | None) -> str:
+    value = _string(msg, field, request_id, NAME_BYTES_MAX)
+    assert value is not None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# One parser per op.
+
+
+def _hello(msg: dict, rid: int | None) -> Hello:
+    version = _integer(msg, "version", rid, 0, 2**32)
+    return Hello(
+        version=version,
+        token=_string(msg, "token", rid, TOKEN_BYTES_MAX, required=False),
+        client=_string(msg, "client", rid, CLIENT_NAME_BYTES_MAX, required=False),
+    )
+
+
+def _reserve(msg: dict, rid: int | None) -> Reserve:
+    return Reserve(
+        rid=_name(msg, "rid", rid),
+        lines=_lines(msg, "lines", rid, qty_min=1),
+        ttl_ms=_integer(msg, "ttl_ms", rid, 0, TTL_MS_MAX, required=False) or 0,
+        ref=_string(msg, "ref", rid, REF_BYTES_MAX, required=False),
+    )
+
+
+def _commit(msg: dict, rid: int | None) -> Commit:
+    return Commit(rid=_name(msg, "rid", rid), lines=_lines(msg, "lines", rid, qty_min=0, required=False))
+
+
+def _adjust(msg: dict, rid: int | None) -> Adjust:
+    delta = _integer(msg, "delta", rid, -DELTA_MAX, DELTA_MAX)
+    if delta == 0:
+        raise _bad(rid, "field 'delta' must be non-zero")
+    return Adjust(
+        key=_name(msg, "key", rid),
+        sku=_name(msg, "sku", rid),
+        loc=_name(msg, "loc", rid),
+        delta=delta,
+        reason=_string(msg, "reason", rid, REASON_BYTES_MAX),
+    )
+
+
+def _count(msg: dict, rid: int | None) -> Count:
+    return Count(
+        key=_name(msg, "key", rid),
+        sku=_name(msg, "sku", rid),
+        loc=_name(msg, "loc", rid),
+        on_hand=_integer(msg, "on_hand", rid, 0, ON_HAND_MAX),
+        reason=_string(msg, "reason", rid, REASON_BYTES_MAX, required=False),
+    )
+
+
+def _transfer(msg: dict, rid: int | None) -> Transfer:
+    return Transfer(
+        key=_name(msg, "key", rid),
+        sku=_name(msg, "sku", rid),
+        from_loc=_name(msg, "from", rid),
+        to_loc=_name(msg, "to", rid),
+        qty=_integer(msg, "qty", rid, 1, QTY_MAX),
+    )
+
+
+_PARSERS: dict[str, Callable[[dict, int | None], Command]] = {
+    "hello": _hello,
+    "ping": lambda msg, rid: Ping(),
+    "reserve": _reserve,
+    "release": lambda msg, rid: Release(rid=_name(msg, "rid", rid)),
+    "commit": _commit,
+    "extend": lambda msg, rid: Extend(rid=_name(msg, "rid", rid), ttl_ms=_integer(msg, "ttl_ms", rid, 1, TTL_MS_MAX)),
+    "adjust": _adjust,
+    "count": _count,
+    "transfer": _transfer,
+    "get": lambda msg, rid: Get(sku=_name(msg, "sku", rid), loc=_name(msg, "loc", rid)),
+    "query": lambda msg, rid: Query(sku=_name(msg, "sku", rid)),
+    "lookup": lambda msg, rid: Lookup(rid=_name(msg, "rid", rid)),
+    "watch": lambda msg, rid: Watch(from_seq=_integer(msg, "from_seq", rid, 0, SEQ_MAX, required=False)),
+    "snapshot": lambda msg, rid: Snapshot(),
+    "stats": lambda msg, rid: Stats(),
+}
+
+OPS = frozenset(_PARSERS)
+
+
+def read_request_id(msg: Any) -> int | None:
+    """The request's `id` if it is a valid uint, else None (the error reply then carries id nil)."""
+    if not isinstance(msg, dict):
+        return None
+    value = msg.get("id")
+    if _is_int(value) and 0 <= value <= REQUEST_ID_MAX:
+        return value
+    return None
+
+
+def parse_request(msg: Any) -> tuple[int, Command]:
+    """Validate one decoded request map; return `(id, command)` or raise `RequestError`."""
+    if not isinstance(msg, dict):
+        raise _bad(None, f"a request must be a msgpack map, got {type(msg).__name__}")
+    for key in msg:
+        if not isinstance(key, str):
+            raise _bad(read_request_id(msg), "request map keys must be strings")
+    request_id = read_request_id(msg)
+    if request_id is None:
+        raise _bad(None, "field 'id' must be an unsigned integer below 2^64")
+    op = msg.get("op")
+    if not isinstance(op, str):
+        raise _bad(request_id, "field 'op' must be a string")
+    parser = _PARSERS.get(op)
+    if parser is None:
+        raise errors.RequestError(errors.UNKNOWN_OP, f"unknown op {op[:64]!r}", request_id)
+    return request_id, parser(msg, request_id)

@@ -1,0 +1,66 @@
+"""Length-prefixed framing: a 4-byte unsigned big-endian length, then that many bytes of body."""
+
+from __future__ import annotations
+
+import struct
+
+from ._limits import FRAME_HEADER_BYTES
+
+_HEADER = struct.Struct(">I")
+
+
+class FrameTooLarge(Exception):
+    """A frame announced a length of 0 or above the limit; the stream cannot be resynchronised."""
+
+    def __init__(self, length: int, limit: int):
+        super().__init__(f"frame length {length} is outside 1..{limit} bytes")
+        self.length = length
+        self.limit = limit
+
+
+def frame(body: bytes) -> bytes:
+    """Prefix `body` with its length."""
+    return _HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Accumulates bytes and cuts them into frame bodies. Pure: no sockets, no clock.
+
+    Memory is bounded by one frame: a body is only buffered after its header passed the size check.
+    """
+
+    def __init__(self, max_frame_bytes: int):
+        assert max_frame_bytes >= 1
+        self.max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+        self._offset = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buffer) - self._offset
+
+    def next_body(self) -> bytes | None:
+        """The next complete body, or None when more bytes are needed. Raises FrameTooLarge."""
+        available = len(self._buffer) - self._offset
+        if available < FRAME_HEADER_BYTES:
+            self._compact()
+            return None
+        (length,) = _HEADER.unpack_from(self._buffer, self._offset)
+        if length == 0 or length > self.max_frame_bytes:
+            raise FrameTooLarge(length, self.max_frame_bytes)
+        if available < FRAME_HEADER_BYTES + length:
+            self._compact()
+            return None
+        start = self._offset + FRAME_HEADER_BYTES
+        body = bytes(self._buffer[start : start + length])
+        self._offset = start + length
+        return body
+
+    def _compact(self) -> None:
+        # Drop consumed bytes only when we must wait anyway: one memmove per read, not per frame.
+        if self._offset:
+            del self._buffer[: self._offset]
+            self._offset = 0
