@@ -42,6 +42,7 @@ class Connection:
         self._cancel_scope = trio.CancelScope()
 
     async def run(self) -> None:
+        self._engine.wal.add_listener(self._wake)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
@@ -53,6 +54,7 @@ class Connection:
                     await self._discard_input()  # a watcher sends nothing more; notice its close
                     nursery.cancel_scope.cancel()
         finally:
+            self._engine.wal.remove_listener(self._wake)
             self._closed = True
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
@@ -98,7 +100,8 @@ class Connection:
         elif isinstance(command, Stats):
             stats = self._engine.stats()
             stats["connections"] = dict(self._counters)
-            self._deliver({"id": request_id, "ok": True, **stats, "seq": 0})
+            # Counters reflect every applied change: the reply waits until all of them are durable.
+            self._deliver({"id": request_id, "ok": True, **stats, "seq": self._engine.state.seq})
         elif isinstance(command, Snapshot):
             nursery.start_soon(self._snapshot, request_id)
         elif isinstance(command, Watch):
@@ -174,35 +177,41 @@ class Connection:
         self._pending.append(reply)
         self._wake_sender.set()
 
+    def _wake(self) -> None:
+        self._wake_sender.set()
+
     async def _send_loop(self) -> None:
-        wal = self._engine.wal
         while True:
             if self._pending:
-                durable_seq = wal.durable_seq
-                ready = [reply for reply in self._pending if reply.get("seq", 0) <= durable_seq]
-                if wal.failure is not None:
-                    ready = [self._failed(reply) if reply.get("seq", 0) > durable_seq else reply for reply in self._pending]
+                ready, self._pending = self._partition()
                 if ready:
-                    if len(ready) == len(self._pending):
-                        self._pending = []
-                    else:
-                        waiting = [reply for reply in self._pending if reply.get("seq", 0) > durable_seq]
-                        self._pending = waiting
                     await self._send(b"".join(protocol.pack(reply) for reply in ready))
                     self._owed -= len(ready)
                     self._room.set()
                     continue
-                # Replies that wait for durability go out with the next commit (one is under way:
-                # everything they reflect is already in the log's queue).
-                await wal.wait_durable_changed()
-                continue
-            if self._input_done and self._owed == 0:
+            elif self._input_done and self._owed == 0:
                 if self._watch_from_seq is not None:
                     await self._stream_events(self._watch_from_seq)
                 self._cancel_scope.cancel()
                 return
+            # Woken by a new reply or by the log becoming durable further.
             self._wake_sender = trio.Event()
             await self._wake_sender.wait()
+
+    def _partition(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Split pending replies into those that may go out now and those that wait for the log.
+        Once the log has failed, a waiting reply can never be acknowledged: it becomes `internal`."""
+        wal = self._engine.wal
+        durable_seq, failed = wal.durable_seq, wal.failure is not None
+        ready, waiting = [], []
+        for reply in self._pending:
+            if reply.get("seq", 0) <= durable_seq:
+                ready.append(reply)
+            elif failed:
+                ready.append(self._failed(reply))
+            else:
+                waiting.append(reply)
+        return ready, waiting
 
     @staticmethod
     def _failed(reply: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,11 @@ Where each command is decided:
   in a mailbox; applying them synchronously keeps every stock's history in log order.
 A request naming a rid whose `reserve` is still in flight waits for that reserve to finish.
 
+Tentative holds never cause a refusal. A reserve or transfer that fits the real state but not
+what is left after other requests' tentative holds waits ("parks") until those holds are lifted,
+then is decided against the real state. So every `insufficient` is explained by the log: no
+client is refused on account of a hold that is then rolled back.
+
 Every state change happens in a synchronous step that also appends its events to the WAL, so
 the order of the log is the order in which the state changed.
 """
@@ -59,6 +64,7 @@ class Engine:
         self.clock_ms = clock_ms
         self.tentative: dict[StockKey, int] = {}
         self._pending_rids: dict[str, deque[Callable[[], None]]] = {}
+        self._parked: dict[StockKey, deque[Callable[[], None]]] = {}  # waiting for tentative holds there
         self.expiry = ExpiryScheduler(clock_ms, self._expire)
         self.requests = Counter()
         self.errors = Counter()
@@ -103,7 +109,7 @@ class Engine:
         if self.wal.failure is not None:
             reply_to(error_reply(request_id, codes.INTERNAL, self.wal.failure))
             return
-        _, events, reply = apply(self.state, command, self.clock_ms(), self.tentative)
+        _, events, reply = apply(self.state, command, self.clock_ms())
         if events:
             self.wal.append(events)
             for event in events:
@@ -118,13 +124,42 @@ class Engine:
             reply_to(self._overloaded(request_id, f"the queue of {key!r} is full"))
             return False
 
-        def message() -> None:
-            self._decide(request_id, command, reply_to)
-            if then is not None:
-                then()
-
-        self.router.send(key, message)
+        self.router.send(key, lambda: self._decide_unblocked(request_id, command, reply_to, then))
         return True
+
+    def _decide_unblocked(self, request_id: int | None, command: Any, reply_to: ReplySink, then: Callable[[], None] | None = None) -> None:
+        """Decide now or, if only other requests' tentative holds stand in the way, once they are lifted."""
+        blocking_key = self._blocked_by_tentative(command)
+        if blocking_key is not None:
+            self._parked.setdefault(blocking_key, deque()).append(lambda: self._decide_unblocked(request_id, command, reply_to, then))
+            return
+        self._decide(request_id, command, reply_to)
+        if then is not None:
+            then()
+
+    def _blocked_by_tentative(self, command: Any) -> StockKey | None:
+        """A SKU-location whose tentative holds alone would make `command` fail, or None."""
+        if not self.tentative:
+            return None
+        if isinstance(command, Reserve) and command.rid not in self.state.reservations:
+            lines = [((line.sku, line.loc), line.qty) for line in command.lines]
+        elif isinstance(command, Transfer) and command.key not in self.state.keys:
+            lines = [((command.sku, command.from_loc), command.qty)]
+        else:
+            return None
+        blocking_key = None
+        for key, qty in lines:
+            available = self.state.stock(*key).available
+            if available < qty:
+                return None  # refused on the real state: nothing to wait for
+            if blocking_key is None and available - self.tentative.get(key, 0) < qty:
+                blocking_key = key
+        return blocking_key
+
+    def _holds_lifted(self, keys: list[StockKey]) -> None:
+        for key in keys:
+            for job in self._parked.pop(key, ()):
+                job()
 
     # -- reservations ------------------------------------------------------------------------
 
@@ -153,16 +188,19 @@ class Engine:
             reply_to(self._overloaded(request_id, "a SKU-location queue is full"))
             return
         self._pending_rids[command.rid] = deque()
+        rid_decided = lambda: self._rid_decided(command.rid)  # noqa: E731
+        if len(keys) == 1:
+            self._at_actor(keys[0], request_id, command, reply_to, then=rid_decided)
+            return
 
         def decide() -> None:
-            self._decide(request_id, command, reply_to)
-            self._rid_decided(command.rid)
+            # The holds of this request are lifted now. It is decided first (it came first), then
+            # whatever waited for those holds.
+            self._decide_unblocked(request_id, command, reply_to, then=rid_decided)
+            self._holds_lifted(keys)
 
-        if len(keys) == 1:
-            self._at_actor(keys[0], request_id, command, reply_to, then=lambda: self._rid_decided(command.rid))
-        else:
-            lines = [((line.sku, line.loc), line.qty) for line in command.lines]
-            MultiLineHold(lines, self.tentative, self._available, decide).start(self.router)
+        lines = [((line.sku, line.loc), line.qty) for line in command.lines]
+        MultiLineHold(lines, self.tentative, self._available, decide).start(self.router)
 
     def _available(self, key: StockKey) -> int:
         return self.state.stock(*key).available
@@ -222,6 +260,7 @@ class Engine:
             "actor_messages": self.router.messages_processed,
             "actor_wakeups": self.router.wakeups,
             "tentative_holds": len(self.tentative),
+            "parked": sum(len(jobs) for jobs in self._parked.values()),
             "rids_in_flight": len(self._pending_rids),
             "expiry_timers": len(self.expiry),
             "last_snapshot_seq": self.last_snapshot_seq,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
@@ -32,6 +32,7 @@ class WriteAheadLog:
         self._snapshot_requests: list[list[Any]] = []
         self._work = trio.Event()
         self._durable_changed = trio.Event()
+        self._listeners: set[Callable[[], None]] = set()
         self.appended_seq = storage.last_seq  # last seq handed to append()
         self.durable_seq = storage.last_seq
         self.failure: str | None = None  # set once a commit fails; nothing is acked after it
@@ -72,9 +73,19 @@ class WriteAheadLog:
         if error is not None:
             raise RuntimeError(error)
 
+    def add_listener(self, wake: Callable[[], None]) -> None:
+        """Call `wake()` (synchronously) whenever `durable_seq` or `failure` changes. Lets a
+        connection wait on one event for both new replies and durability."""
+        self._listeners.add(wake)
+
+    def remove_listener(self, wake: Callable[[], None]) -> None:
+        self._listeners.discard(wake)
+
     def _broadcast(self) -> None:
         event, self._durable_changed = self._durable_changed, trio.Event()
         event.set()
+        for wake in self._listeners:
+            wake()
 
     async def run(self) -> None:
         """The writer loop. Runs until cancelled; on a failed commit it records why and stops."""

@@ -55,5 +55,6 @@ from ._limits import (
     REF_BYTES_MAX,
 )
 from . import _errors as codes
+from . import _requests as requests
 from .client import Client
 from .trio_client import TrioClient, open_trio_client

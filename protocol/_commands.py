@@ -149,7 +149,7 @@ def _bad(request_id: int | None, message: str) -> errors.RequestError:
     return errors.RequestError(errors.BAD_REQUEST, message, request_id)
 
 
-def _string(msg: dict, field: str, request_id: int | None, max_bytes: int, required: bool = True) -> str | None:
+def _string(msg: dict, field: str, request_id: int | None, max_bytes: int, required: bool = True, min_bytes: int = 1) -> str | None:
     value = msg.get(field)
     if value is None:
         if required:
@@ -158,8 +158,8 @@ def _string(msg: dict, field: str, request_id: int | None, max_bytes: int, requi
     if not isinstance(value, str):
         raise _bad(request_id, f"field '{field}' must be a string, got {type(value).__name__}")
     size = len(value.encode("utf-8"))
-    if size < 1 or size > max_bytes:
-        raise _bad(request_id, f"field '{field}' must be 1 to {max_bytes} UTF-8 bytes, got {size}")
+    if size < min_bytes or size > max_bytes:
+        raise _bad(request_id, f"field '{field}' must be {min_bytes} to {max_bytes} UTF-8 bytes, got {size}")
     return value
 
 
@@ -229,7 +229,8 @@ def _reserve(msg: dict, rid: int | None) -> Reserve:
         rid=_name(msg, "rid", rid),
         lines=_lines(msg, "lines", rid, qty_min=1),
         ttl_ms=_integer(msg, "ttl_ms", rid, 0, TTL_MS_MAX, required=False) or 0,
-        ref=_string(msg, "ref", rid, REF_BYTES_MAX, required=False),
+        # The contract bounds `ref` only from above ("up to 256 bytes"): an empty ref is allowed.
+        ref=_string(msg, "ref", rid, REF_BYTES_MAX, required=False, min_bytes=0),
     )
 
 

@@ -3,7 +3,7 @@
     with Client(port=7440) as client:
         client.hello()
         client.reserve("order-17", [("sku-1", "dock-a", 2)], ttl_ms=60_000)
-        replies = client.pipeline([get_request("sku-1", "dock-a"), query_request("sku-1")])
+        replies = client.pipeline([("get", {"sku": "sku-1", "loc": "dock-a"}), ("query", {"sku": "sku-1"})])
 
 Replies may arrive in any order; the client buffers the ones nobody asked for yet and hands each
 to whoever calls `receive` with its id. Pushed `{"event": ...}` frames of a `watch` connection are
@@ -217,7 +217,8 @@ class Client(RequestMethods[dict[str, Any]]):
             self._events.append((arrival, message))
             return
         request_id = message.get("id")
-        if isinstance(request_id, int) and request_id in self._awaited:
+        # `type(...) is int`: a boolean id must not match request 1.
+        if type(request_id) is int and request_id in self._awaited:
             self._awaited.remove(request_id)
             self._replies[request_id] = (arrival, message)
             if request_id == self._watch_request_id and message.get("ok") is not True:

@@ -17,9 +17,9 @@ When the connection fails, every waiter, and every later call, gets `ConnectionC
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any, Awaitable
+from typing import Any
 
 import trio
 
@@ -164,7 +164,8 @@ class TrioClient(RequestMethods[Awaitable[dict[str, Any]]]):
             await self._event_send.send(event)
             return
         request_id = message.get("id")
-        waiter = self._waiters.get(request_id) if isinstance(request_id, int) else None
+        # `type(...) is int`: a boolean id must not match request 1.
+        waiter = self._waiters.get(request_id) if type(request_id) is int else None
         if waiter is None or waiter.done.is_set():
             # Nobody waits for it: the reply to a caller that was cancelled (dropped), or an id nil
             # error, which is kept to explain the close that follows it (frame_too_large).

@@ -122,7 +122,9 @@ def _reserve_reply(reservation: Reservation) -> Reply:
         {"sku": sku, "loc": loc, "qty": qty, "available": available}
         for (sku, loc, qty), available in zip(reservation.lines, reservation.granted_available)
     ]
-    return _ok(reservation.last_seq, rid=reservation.rid, lines=lines, expires_at_ms=reservation.expires_at_ms)
+    # The original reply: the expiry the reserve granted, even if an extend has moved it since.
+    expires_at_ms = reservation.created_at_ms + reservation.ttl_ms if reservation.ttl_ms else None
+    return _ok(reservation.last_seq, rid=reservation.rid, lines=lines, expires_at_ms=expires_at_ms)
 
 
 def _open_reservation(context: _Context, rid: str) -> Reservation | Reply:
@@ -179,8 +181,9 @@ def _commit(context: _Context, command: Commit) -> Reply:
         on_hand = context.state.stock(sku, loc).on_hand
         if qty > on_hand:
             # Goods cannot leave a location that (after damage or a count) does not have them.
+            # The refusal reflects the stock and that the reservation is still held (e.g. extended).
             return _error(
-                context.stocks_seq(held), codes.INVALID,
+                max(reservation.last_seq, context.stocks_seq(held)), codes.INVALID,
                 f"cannot commit {qty} of ({sku!r}, {loc!r}): on_hand is {on_hand}; commit a short pick or record a receipt first",
             )
     committed = tuple((sku, loc, shipped.get((sku, loc), 0)) for sku, loc, _ in reservation.lines)

@@ -123,7 +123,8 @@ def _apply_committed(state: State, event: Event) -> None:
 def _apply_extended(state: State, event: Event) -> None:
     reservation = state.reservations[event["rid"]]
     assert reservation.state == HELD
-    reservation.ttl_ms = event["ttl_ms"]
+    # `ttl_ms` stays the one the reserve asked for: it is part of the reserve's fingerprint, so a
+    # retry of the original reserve after an extend is still a duplicate, not a conflict.
     reservation.expires_at_ms = event["expires_at_ms"]
     reservation.last_seq = event["seq"]
 

@@ -1,0 +1,107 @@
+"""The LMDB storage and the WAL's behaviour when the disk says no."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from engine.core import State, apply
+from engine.storage import LmdbStorage, StorageError
+from protocol import Adjust, ServerError, open_trio_client
+
+
+def _event(seq: int, ts_ms: int = 1000) -> dict:
+    return {"seq": seq, "ts_ms": ts_ms, "type": "adjusted", "key": f"k{seq}", "sku": "s", "loc": "l", "delta": 1, "reason": "receipt"}
+
+
+@pytest.fixture
+def storage(tmp_path):
+    opened = LmdbStorage(str(tmp_path / "lmdb"), 64 * 1024**2)
+    yield opened
+    opened.close()
+
+
+def test_append_and_read_back_in_order(storage):
+    assert storage.last_seq == 0 and storage.first_seq() is None
+    storage.append([_event(1), _event(2)])
+    storage.append([_event(3)])
+    assert storage.last_seq == 3 and storage.first_seq() == 1
+    assert [event["seq"] for event in storage.read(1, 100)] == [1, 2, 3]
+    assert [event["seq"] for event in storage.read(2, 1)] == [2]
+    assert [event["seq"] for event in storage.read(1, 100, through_seq=2)] == [1, 2]
+    assert storage.read(4, 100) == []
+
+
+def test_append_refuses_a_gap_or_a_repeat(storage):
+    storage.append([_event(1)])
+    with pytest.raises(AssertionError):
+        storage.append([_event(3)])
+    with pytest.raises(AssertionError):
+        storage.append([_event(1)])
+    with pytest.raises(AssertionError):
+        storage.append([{"seq": 2, "ts_ms": 1, "type": "no-such-type"}])
+    assert storage.last_seq == 1
+
+
+def test_last_seq_survives_reopen(tmp_path):
+    path = str(tmp_path / "lmdb")
+    first = LmdbStorage(path, 64 * 1024**2)
+    first.append([_event(1), _event(2)])
+    first.close()
+    again = LmdbStorage(path, 64 * 1024**2)
+    assert again.last_seq == 2
+    again.close()
+
+
+def test_snapshots_keep_the_newest(storage):
+    storage.append([_event(seq) for seq in range(1, 6)])
+    for seq in (2, 4, 5):
+        storage.save_snapshot({"seq": seq, "marker": seq}, keep=2)
+    assert storage.snapshot_seqs() == [4, 5]
+    assert storage.latest_snapshot()["marker"] == 5
+
+
+def test_trim_deletes_only_old_records_covered_by_a_snapshot(storage):
+    storage.append([_event(seq, ts_ms=seq * 100) for seq in range(1, 11)])
+    assert storage.trim(through_seq=6, before_ts_ms=450, limit=100) == 4  # seq 1..4 are older than 450
+    assert storage.first_seq() == 5
+    assert storage.trim(through_seq=6, before_ts_ms=10_000, limit=100) == 2  # never beyond seq 6
+    assert storage.first_seq() == 7
+    assert storage.trim(through_seq=10, before_ts_ms=10_000, limit=100) == 4
+    assert storage.first_seq() is None
+    assert storage.last_seq == 10
+
+
+def test_a_full_map_is_a_storage_error_and_writes_nothing(tmp_path):
+    small = LmdbStorage(str(tmp_path / "small"), 256 * 1024)
+    try:
+        events = [_event(seq) | {"reason": "x" * 100} for seq in range(1, 20_001)]
+        with pytest.raises(StorageError, match="MapFull"):
+            small.append(events)
+        assert small.last_seq == 0 and small.read(1, 10) == []
+    finally:
+        small.close()
+
+
+async def test_a_failed_commit_is_never_acknowledged(start_server, monkeypatch):
+    server = await start_server()
+    with trio.fail_after(10):
+        async with open_trio_client(server.host, server.port) as client:
+            before = await client.adjust("ok-1", "sku", "w", 5, "receipt")
+            storage = server.engine.storage
+
+            def disk_full(events):
+                raise StorageError("write-ahead log commit failed: No space left on device")
+
+            monkeypatch.setattr(storage, "append", disk_full)
+            with pytest.raises(ServerError) as failed:
+                await client.adjust("lost-1", "sku", "w", 3, "receipt")
+            assert failed.value.code == "internal"
+            assert "could not be made durable" in failed.value.message
+            # From now on every request is refused: memory is ahead of the disk.
+            for call in (client.get("sku", "w"), client.reserve("r", [("sku", "w", 1)])):
+                with pytest.raises(ServerError) as refused:
+                    await call
+                assert refused.value.code == "internal"
+                assert "write-ahead log stopped" in refused.value.message
+            assert server.engine.wal.durable_seq == before["seq"]
