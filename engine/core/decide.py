@@ -3,14 +3,14 @@
 Pure: no I/O, no clock (time is `now_ms`), no randomness. The state changes only through
 `apply_event` on the events decided here, so replaying those events reproduces the state.
 
-`unavailable` maps SKU-locations to quantity that other in-flight requests hold tentatively
-(the shell's multi-line coordination). It only ever makes a grant harder, never easier.
+Availability is always the real, logged figure: the shell's tentative holds for multi-line
+requests never reach the core (a request they would block waits in the shell instead).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from protocol import codes
 from protocol import Adjust, Commit, Count, Extend, Get, Lookup, Query, Release, Reserve, Transfer
@@ -29,10 +29,9 @@ from .events import (
     line_maps,
     transfer_fingerprint,
 )
-from .state import COMMITTED, EXPIRED, HELD, RELEASED, Reservation, State, StockKey, reserve_fingerprint
+from .state import COMMITTED, EXPIRED, HELD, RELEASED, Reservation, State, reserve_fingerprint
 
 Reply = dict[str, Any]
-NO_TENTATIVE: Mapping[StockKey, int] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,26 +49,25 @@ class Forget:
     limit: int
 
 
-def apply(state: State, command: Any, now_ms: int, unavailable: Mapping[StockKey, int] = NO_TENTATIVE) -> tuple[State, list[Event], Reply]:
+def apply(state: State, command: Any, now_ms: int) -> tuple[State, list[Event], Reply]:
     """Apply `command` at time `now_ms`. Returns `(state, events, reply)`.
 
     `reply` is a reply map without `id`, with `seq`: the last logged change it reflects. The
     shell sends it only once the log is durable up to `seq`.
     """
     events: list[Event] = []
-    reply = _DECIDERS[type(command)](_Context(state, now_ms, unavailable, events), command)
+    reply = _DECIDERS[type(command)](_Context(state, now_ms, events), command)
     return state, events, reply
 
 
 class _Context:
     """What a decider needs: the state, the time, and the list the new events go to."""
 
-    __slots__ = ("state", "now_ms", "unavailable", "events")
+    __slots__ = ("state", "now_ms", "events")
 
-    def __init__(self, state: State, now_ms: int, unavailable: Mapping[StockKey, int], events: list[Event]):
+    def __init__(self, state: State, now_ms: int, events: list[Event]):
         self.state = state
         self.now_ms = now_ms
-        self.unavailable = unavailable
         self.events = events
 
     def emit(self, kind: str, **fields: Any) -> Event:
@@ -78,9 +76,8 @@ class _Context:
         self.events.append(event)
         return event
 
-    def free(self, sku: str, loc: str) -> int:
-        """What a new hold may take: available minus other requests' tentative holds."""
-        return self.state.stock(sku, loc).available - self.unavailable.get((sku, loc), 0)
+    def available(self, sku: str, loc: str) -> int:
+        return self.state.stock(sku, loc).available
 
     def stocks_seq(self, keys) -> int:
         return max((self.state.stock(sku, loc).last_seq for sku, loc in keys), default=0)
@@ -106,7 +103,7 @@ def _reserve(context: _Context, command: Reserve) -> Reply:
         return {**_reserve_reply(existing), "duplicate": True}
     short = []
     for sku, loc, qty in lines:
-        free = context.free(sku, loc)
+        free = context.available(sku, loc)
         if free < qty:
             short.append({"sku": sku, "loc": loc, "requested": qty, "available": free})
     if short:
@@ -132,7 +129,9 @@ def _open_reservation(context: _Context, rid: str) -> Reservation | Reply:
     commit or extend through after `expires_at_ms`); or a `not_found` reply."""
     reservation = context.state.reservations.get(rid)
     if reservation is None:
-        return _error(0, codes.NOT_FOUND, f"no reservation with rid {rid!r}")
+        # seq = everything applied: an unknown rid may have been forgotten by a `forgotten` event
+        # still in flight, and a crash must not bring back what this reply said is gone.
+        return _error(context.state.seq, codes.NOT_FOUND, f"no reservation with rid {rid!r}")
     if reservation.state == HELD and reservation.expires_at_ms is not None and reservation.expires_at_ms <= context.now_ms:
         context.emit(EXPIRED, rid=rid, lines=line_maps(reservation.lines))
     return reservation
@@ -272,7 +271,7 @@ def _transfer(context: _Context, command: Transfer) -> Reply:
         return known
     if command.from_loc == command.to_loc:
         return _error(0, codes.INVALID, "transfer needs two different locations")
-    free = context.free(command.sku, command.from_loc)
+    free = context.available(command.sku, command.from_loc)
     if free < command.qty:
         seq = context.stocks_seq([(command.sku, command.from_loc), (command.sku, command.to_loc)])
         short = [{"sku": command.sku, "loc": command.from_loc, "requested": command.qty, "available": free}]
