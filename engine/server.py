@@ -10,6 +10,7 @@ Shutdown: stop the service nursery (no new changes), flush the log, write a snap
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections import Counter
@@ -69,6 +70,7 @@ async def run_server(
     storage = LmdbStorage(storage_path(config), config.map_size_bytes)
     try:
         state, replayed = await trio.to_thread.run_sync(recover, storage)
+        _tune_garbage_collector()
         wal = WriteAheadLog(storage, config.records_per_commit_max, config.snapshots_kept)
         async with trio.open_nursery() as log_nursery:
             log_nursery.start_soon(wal.run)
@@ -96,6 +98,19 @@ async def run_server(
     finally:
         storage.close()
         stopped.set()
+
+
+# The state is millions of small, acyclic objects (freed by reference counting alone). With the
+# default thresholds the cyclic collector rescans them so often that it costs about half the CPU
+# of a reserve (measured: 24 -> 12 us per reserve in the engine). Collections stay on, rarer.
+GC_GENERATION0_THRESHOLD = 50_000
+
+
+def _tune_garbage_collector() -> None:
+    gc.collect()
+    gc.freeze()  # what recovery built is long-lived: never scan it again
+    _, generation1, generation2 = gc.get_threshold()
+    gc.set_threshold(GC_GENERATION0_THRESHOLD, generation1, generation2)
 
 
 async def _handle_connection(stream: trio.SocketStream, *, engine: Engine, counters: Counter) -> None:
