@@ -67,6 +67,7 @@ class Connection:
         while True:
             room = self._config.in_flight_per_connection_max - self._owed
             if room <= 0:
+                self._counters["reading_paused"] += 1
                 self._room = trio.Event()
                 await self._room.wait()
                 continue

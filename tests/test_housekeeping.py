@@ -1,0 +1,150 @@
+"""Background work of a running server: actors going to sleep, periodic snapshots, forgetting
+old ids, trimming the log; and clients that read slowly or vanish."""
+
+from __future__ import annotations
+
+import trio
+
+from protocol import ClientProtocol, ServerError, open_trio_client
+
+TIMEOUT_SECONDS = 10
+
+
+async def _eventually(predicate, what: str, timeout_seconds: float = 5.0) -> None:
+    with trio.move_on_after(timeout_seconds):
+        while not await predicate():
+            await trio.sleep(0.02)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_idle_actors_go_to_sleep_and_wake_on_the_next_message(start_server):
+    server = await start_server(actor_idle_seconds=0.05)
+    with trio.fail_after(TIMEOUT_SECONDS):
+        async with open_trio_client(server.host, server.port) as client:
+            for index in range(5):
+                await client.adjust(f"k{index}", f"sku-{index}", "w", 3, "receipt")
+            assert (await client.stats())["actors_started"] == 5
+
+            async def all_asleep() -> bool:
+                return (await client.stats())["actors_running"] == 0
+
+            await _eventually(all_asleep, "idle actors to sleep")
+            # The stock outlives its actor; the next message starts a new one.
+            assert (await client.get("sku-3", "w"))["on_hand"] == 3
+            stats = await client.stats()
+            assert stats["actors_started"] == 6 and stats["stocks"] == 5
+
+
+async def test_periodic_snapshot_covers_the_changes(start_server):
+    server = await start_server(snapshot_interval_seconds=0.1)
+    with trio.fail_after(TIMEOUT_SECONDS):
+        async with open_trio_client(server.host, server.port) as client:
+            reply = await client.adjust("k", "sku", "w", 3, "receipt")
+
+            async def snapshotted() -> bool:
+                return (await client.stats())["last_snapshot_seq"] >= reply["seq"]
+
+            await _eventually(snapshotted, "a periodic snapshot")
+            assert server.engine.storage.latest_snapshot()["seq"] >= reply["seq"]
+
+
+async def test_ids_are_forgotten_after_the_retention(start_server):
+    server = await start_server(id_retention_ms=100, forget_interval_seconds=0.05)
+    with trio.fail_after(TIMEOUT_SECONDS):
+        async with open_trio_client(server.host, server.port) as client:
+            await client.adjust("stock", "sku", "w", 10, "receipt")
+            await client.reserve("r", [("sku", "w", 2)])
+            held = await client.reserve("held-r", [("sku", "w", 1)])
+            await client.release("r")
+            # Within the retention a reused id is a conflict.
+            try:
+                await client.reserve("r", [("sku", "w", 5)])
+                raise AssertionError("reuse within the retention must be a conflict")
+            except ServerError as error:
+                assert error.code == "conflict"
+
+            async def forgotten() -> bool:
+                try:
+                    await client.lookup("r")
+                except ServerError as error:
+                    return error.code == "not_found"
+                return False
+
+            await _eventually(forgotten, "the closed reservation to be forgotten")
+            assert (await client.reserve("r", [("sku", "w", 5)]))["lines"][0]["qty"] == 5
+            assert (await client.adjust("stock", "sku", "w", 1, "receipt"))["on_hand"] == 11  # key reusable
+            # A held reservation is never forgotten, however old.
+            assert (await client.lookup("held-r"))["state"] == "held"
+            assert held["rid"] == "held-r"
+
+
+async def test_log_is_trimmed_after_a_snapshot_and_watch_says_what_is_gone(start_server):
+    server = await start_server(log_retention_ms=0)
+    with trio.fail_after(TIMEOUT_SECONDS):
+        async with open_trio_client(server.host, server.port) as client:
+            for index in range(5):
+                await client.adjust(f"k{index}", "sku", "w", 1, "receipt")
+            await trio.sleep(0.01)  # records must be older than "now - 0 ms"
+            snapshot_seq = (await client.snapshot())["seq"]
+            assert snapshot_seq == 5
+            assert server.engine.storage.first_seq() is None
+            async with open_trio_client(server.host, server.port) as watcher:
+                try:
+                    await watcher.watch(from_seq=1)
+                    raise AssertionError("watch from a trimmed seq must be refused")
+                except ServerError as error:
+                    assert error.code == "invalid"
+                    assert error.reply["first_seq"] == 6
+            # Recovery does not need the trimmed records: the snapshot covers them.
+            await client.adjust("k-after", "sku", "w", 1, "receipt")
+        await server.aclose()
+        again = await start_server(log_retention_ms=0)
+        assert again.engine.state.stock("sku", "w").on_hand == 6
+
+
+async def test_a_connection_owing_its_bound_of_replies_is_not_read_until_it_owes_fewer(start_server):
+    server = await start_server(in_flight_per_connection_max=32)
+    with trio.fail_after(TIMEOUT_SECONDS):
+        codec = ClientProtocol()
+        stream = await trio.open_tcp_stream(server.host, server.port)
+        requests = [codec.request("adjust", key=f"k{n}", sku="sku", loc=f"w{n % 7}", delta=1, reason="receipt") for n in range(2000)]
+        # One write of 2,000 mutating requests: their replies wait for commits, so the server
+        # must stop reading at 32 owed replies rather than queue all of them.
+        await stream.send_all(b"".join(frame for _, frame in requests))
+        async with open_trio_client(server.host, server.port) as other:
+            assert (await other.get("other", "w"))["on_hand"] == 0  # other clients are served meanwhile
+        replies = {}
+        while len(replies) < len(requests):
+            data = await stream.receive_some(1 << 16)
+            assert data, "server closed the connection"
+            for reply in codec.receive_data(data):
+                replies[reply["id"]] = reply
+        await stream.aclose()
+        assert sorted(replies) == sorted(request_id for request_id, _ in requests)
+        assert all(reply["ok"] for reply in replies.values())
+        async with open_trio_client(server.host, server.port) as other:
+            stats = await other.stats()
+        assert stats["connections"]["reading_paused"] > 0
+        assert sum(server.engine.state.stock("sku", f"w{n}").on_hand for n in range(7)) == 2000
+
+
+async def test_a_vanishing_client_loses_nothing_acknowledged_and_harms_no_one(start_server):
+    server = await start_server()
+    with trio.fail_after(TIMEOUT_SECONDS):
+        async with open_trio_client(server.host, server.port) as client:
+            await client.adjust("stock", "sku", "w", 1000, "receipt")
+        codec = ClientProtocol()
+        stream = await trio.open_tcp_stream(server.host, server.port)
+        await stream.send_all(b"".join(codec.request("reserve", rid=f"gone-{n}", lines=[{"sku": "sku", "loc": "w", "qty": 1}])[1] for n in range(500)))
+        await stream.aclose()  # gone without reading a single reply
+        async with open_trio_client(server.host, server.port) as client:
+            await server.engine.wal.flush()
+            held = 0
+            for n in range(500):
+                try:
+                    held += (await client.lookup(f"gone-{n}"))["state"] == "held"
+                except ServerError as error:
+                    assert error.code == "not_found"
+            assert (await client.get("sku", "w"))["reserved"] == held
+            assert (await client.ping())["ok"] is True
