@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import random
-import socket
 
-import pytest
 import trio
 
 from protocol import Client, ServerError, open_trio_client

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytest
 import trio
 
 import protocol
 from engine.config import DAY_MS, Config
-from protocol import ClientProtocol, ServerError, open_trio_client
+from protocol import ServerError, open_trio_client
+from raw_connection import open_raw
 
 TIMEOUT = 5
 
@@ -47,30 +47,6 @@ def without(reply: dict[str, Any], *names: str) -> dict[str, Any]:
     return {name: value for name, value in reply.items() if name not in names}
 
 
-class Raw:
-    """A raw TCP connection: send any bytes, read decoded reply frames one at a time."""
-
-    def __init__(self, stream: trio.SocketStream):
-        self.stream = stream
-        self.protocol = ClientProtocol()
-        self.buffered: list[dict[str, Any]] = []
-
-    async def send(self, *messages: dict[str, Any] | bytes) -> None:
-        await self.stream.send_all(b"".join(m if isinstance(m, bytes) else protocol.pack(m) for m in messages))
-
-    async def receive(self) -> dict[str, Any]:
-        while not self.buffered:
-            data = await self.stream.receive_some(65536)
-            assert data, "the server closed the connection"
-            self.buffered.extend(self.protocol.receive_data(data))
-        return self.buffered.pop(0)
-
-    async def receive_n(self, count: int) -> list[dict[str, Any]]:
-        return [await self.receive() for _ in range(count)]
-
-
-async def open_raw(server) -> Raw:
-    return Raw(await trio.open_tcp_stream(server.host, server.port))
 
 
 # -- defaults ---------------------------------------------------------------------------------

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from engine.core import State, apply
 from engine.storage import LmdbStorage, StorageError
-from protocol import Adjust, ServerError, open_trio_client
+from protocol import ServerError, open_trio_client
 
 
 def _event(seq: int, ts_ms: int = 1000) -> dict:
