@@ -69,5 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "serve":
+        if args.metrics_port is not None:
+            log.warning("--metrics-port %d: metrics are not served yet (reserved for the metrics work)", args.metrics_port)
         trio.run(_serve_until_signalled, config_from_args(args))
     return 0

@@ -8,6 +8,7 @@ every ready reply in one `send_all`. A `watch` turns the connection into an even
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any
 
@@ -22,6 +23,11 @@ log = logging.getLogger("engine.connection")
 
 RECEIVE_BYTES_MAX = 64 * 1024
 SERVER_NAME = "inventory-reservation-engine/0.1"
+
+
+def _same_secret(offered: str | None, expected: str) -> bool:
+    # Constant time, so the token cannot be guessed byte by byte from reply timing.
+    return offered is not None and hmac.compare_digest(offered.encode("utf-8"), expected.encode("utf-8"))
 
 
 class Connection:
@@ -117,7 +123,7 @@ class Connection:
                 request_id, codes.UNSUPPORTED_VERSION, f"protocol version {command.version} is not supported",
                 supported=[protocol.PROTOCOL_VERSION], seq=0,
             )
-        if self._config.token is not None and command.token != self._config.token:
+        if self._config.token is not None and not _same_secret(command.token, self._config.token):
             self._authorized = False
             return error_reply(request_id, codes.UNAUTHORIZED, "invalid or missing token", seq=0)
         self._authorized = True

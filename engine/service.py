@@ -119,13 +119,12 @@ class Engine:
             self.errors[reply["error"]] += 1
         reply_to({"id": request_id, **reply})
 
-    def _at_actor(self, key: StockKey, request_id: int | None, command: Any, reply_to: ReplySink, then: Callable[[], None] | None = None) -> bool:
+    def _at_actor(self, key: StockKey, request_id: int | None, command: Any, reply_to: ReplySink, then: Callable[[], None] | None = None) -> None:
+        """Decide `command` in the actor of `key`, in order with what is queued there."""
         if not self.router.has_room([key]):
             reply_to(self._overloaded(request_id, f"the queue of {key!r} is full"))
-            return False
-
+            return
         self.router.send(key, lambda: self._decide_unblocked(request_id, command, reply_to, then))
-        return True
 
     def _decide_unblocked(self, request_id: int | None, command: Any, reply_to: ReplySink, then: Callable[[], None] | None = None) -> None:
         """Decide now or, if only other requests' tentative holds stand in the way, once they are lifted."""

@@ -157,6 +157,10 @@ def _string(msg: dict, field: str, request_id: int | None, max_bytes: int, requi
         return None
     if not isinstance(value, str):
         raise _bad(request_id, f"field '{field}' must be a string, got {type(value).__name__}")
+    # A character is 1 to 4 UTF-8 bytes: only encode when the length in characters cannot decide.
+    characters = len(value)
+    if min_bytes <= characters and characters * 4 <= max_bytes:
+        return value
     size = len(value.encode("utf-8"))
     if size < min_bytes or size > max_bytes:
         raise _bad(request_id, f"field '{field}' must be {min_bytes} to {max_bytes} UTF-8 bytes, got {size}")
