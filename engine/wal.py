@@ -92,10 +92,14 @@ class WriteAheadLog:
         while True:
             await self._work.wait()
             self._work = trio.Event()
-            while self._queue and self.failure is None:
-                await self._commit_batch()
-            if self.failure is None:
-                await self._write_snapshots()
+            while self.failure is None and (self._queue or self._snapshot_requests):
+                # A snapshot goes out as soon as the records it covers are durable, even while
+                # newer records keep arriving (under steady load the queue is never empty).
+                if self._snapshot_requests and self._snapshot_requests[0][0]["seq"] <= self.durable_seq:
+                    await self._write_snapshot(self._snapshot_requests.pop(0))
+                else:
+                    assert self._queue, "a snapshot waits for records that were never appended"
+                    await self._commit_batch()
             if self.failure is not None:
                 self._fail_snapshots()
                 self._broadcast()
@@ -120,18 +124,15 @@ class WriteAheadLog:
         self.durable_seq = batch[-1]["seq"]
         self._broadcast()
 
-    async def _write_snapshots(self) -> None:
-        while self._snapshot_requests and not self._queue:
-            request = self._snapshot_requests.pop(0)
-            snapshot, done = request[0], request[1]
-            assert snapshot["seq"] <= self.durable_seq
-            try:
-                await trio.to_thread.run_sync(self._storage.save_snapshot, snapshot, self._snapshots_kept)
-            except Exception as error:
-                # A failed snapshot loses nothing (the log has it all): report, keep serving.
-                log.error("snapshot at seq %d failed: %s", snapshot["seq"], error)
-                request[2] = f"snapshot at seq {snapshot['seq']} failed: {error}"
-            done.set()
+    async def _write_snapshot(self, request: list[Any]) -> None:
+        snapshot, done = request[0], request[1]
+        try:
+            await trio.to_thread.run_sync(self._storage.save_snapshot, snapshot, self._snapshots_kept)
+        except Exception as error:
+            # A failed snapshot loses nothing (the log has it all): report, keep serving.
+            log.error("snapshot at seq %d failed: %s", snapshot["seq"], error)
+            request[2] = f"snapshot at seq {snapshot['seq']} failed: {error}"
+        done.set()
 
     def _fail_snapshots(self) -> None:
         for request in self._snapshot_requests:

@@ -104,3 +104,46 @@ async def test_a_failed_commit_is_never_acknowledged(start_server, monkeypatch):
                 assert refused.value.code == "internal"
                 assert "write-ahead log stopped" in refused.value.message
             assert server.engine.wal.durable_seq == before["seq"]
+
+
+class _SlowStorage:
+    """Stands in for LmdbStorage in the WAL: every commit takes 20 ms (in the worker thread)."""
+
+    def __init__(self):
+        self.last_seq = 0
+        self.snapshots: list[int] = []
+
+    def append(self, events):
+        import time
+
+        time.sleep(0.02)
+        self.last_seq = events[-1]["seq"]
+        return self.last_seq
+
+    def save_snapshot(self, snapshot, keep):
+        self.snapshots.append(snapshot["seq"])
+
+
+async def test_a_snapshot_is_written_while_new_records_keep_arriving():
+    from engine.wal import WriteAheadLog
+
+    storage = _SlowStorage()
+    wal = WriteAheadLog(storage, records_per_commit_max=1000, snapshots_kept=2)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wal.run)
+
+            async def keep_appending() -> None:
+                while True:  # a record every 5 ms: the queue is never empty when a commit ends
+                    wal.append([_event(wal.appended_seq + 1)])
+                    await trio.sleep(0.005)
+
+            nursery.start_soon(keep_appending)
+            await trio.sleep(0.05)
+            covered = wal.appended_seq
+            commits_before = wal.commits
+            await wal.save_snapshot({"seq": covered})
+            assert storage.snapshots == [covered]
+            assert wal.durable_seq >= covered
+            assert wal.commits - commits_before <= 3, "the snapshot waited for the log to go quiet"
+            nursery.cancel_scope.cancel()
