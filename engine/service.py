@@ -78,7 +78,7 @@ class Engine:
 
     def submit(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
         """Route one validated core command. `reply_to` is called once, now or later."""
-        self.requests[type(command).__name__.lower()] += 1
+        self.requests[type(command)] += 1
         if self.wal.failure is not None:
             reply_to(error_reply(request_id, codes.INTERNAL, self.wal.failure))
             return
@@ -117,7 +117,8 @@ class Engine:
                     self.expiry.schedule(event["expires_at_ms"], event["rid"])
         if not reply["ok"]:
             self.errors[reply["error"]] += 1
-        reply_to({"id": request_id, **reply})
+        reply["id"] = request_id
+        reply_to(reply)
 
     def _at_actor(self, key: StockKey, request_id: int | None, command: Any, reply_to: ReplySink, then: Callable[[], None] | None = None) -> None:
         """Decide `command` in the actor of `key`, in order with what is queued there."""
@@ -263,7 +264,7 @@ class Engine:
             "rids_in_flight": len(self._pending_rids),
             "expiry_timers": len(self.expiry),
             "last_snapshot_seq": self.last_snapshot_seq,
-            "requests": dict(self.requests),
+            "requests": {kind.__name__.lower(): count for kind, count in self.requests.items()},
             "errors": dict(self.errors),
             "wal": self.wal.stats(),
         }
