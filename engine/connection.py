@@ -69,7 +69,6 @@ class Connection:
     # -- receiving ----------------------------------------------------------------------------
 
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
-        events: list = []
         while True:
             room = self._config.in_flight_per_connection_max - self._owed
             if room <= 0:
