@@ -22,6 +22,9 @@ from .service import Engine
 log = logging.getLogger("engine.connection")
 
 RECEIVE_BYTES_MAX = 64 * 1024
+# After frame_too_large: how long, and how much input, to discard before closing (see _linger).
+LINGER_SECONDS = 2.0
+LINGER_DISCARD_BYTES_MAX = 4 * 1024 * 1024
 SERVER_NAME = "inventory-reservation-engine/0.1"
 
 
@@ -59,6 +62,8 @@ class Connection:
                 if self._watch_from_seq is not None:
                     await self._discard_input()  # a watcher sends nothing more; notice its close
                     nursery.cancel_scope.cancel()
+            if self._protocol.broken:
+                await self._linger()
         finally:
             self._engine.wal.remove_listener(self._wake)
             self._closed = True
@@ -155,6 +160,22 @@ class Connection:
     async def _discard_input(self) -> None:
         while await self._receive():
             pass
+
+    async def _linger(self) -> None:
+        """Close after a framing error without losing the error reply. Closing a socket with
+        unread input makes the kernel send a reset, which can destroy the reply before the client
+        reads it; so half-close, then discard what the client still sends, within bounds."""
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                await self._stream.send_eof()
+                discarded_bytes = 0
+                while discarded_bytes < LINGER_DISCARD_BYTES_MAX:
+                    data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
+                    if not data:
+                        return
+                    discarded_bytes += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
 
     async def _receive(self) -> bytes:
         """Bytes from the client; b"" when it closed or vanished."""

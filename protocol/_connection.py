@@ -87,7 +87,7 @@ class ServerProtocol:
                 close=False,
             )
         except Exception as error:  # any malformed body: msgpack, UTF-8, nesting, ...
-            return RequestRejected(errors.error_reply(None, errors.BAD_REQUEST, f"frame body is not valid msgpack ({type(error).__name__}: {error})"), close=False)
+            return RequestRejected(errors.error_reply(None, errors.BAD_REQUEST, f"frame body is not valid msgpack ({type(error).__name__}{': ' if str(error) else ''}{error})"), close=False)
         try:
             request_id, command = parse_request(message)
         except errors.RequestError as error:

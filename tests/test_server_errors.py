@@ -555,6 +555,20 @@ async def test_requests_before_a_too_large_frame_are_answered(server):
             await raw.expect_closed()
 
 
+async def test_frame_too_large_reply_survives_input_the_server_never_reads(server):
+    """Closing a socket with unread input makes the kernel send a reset, which can destroy the
+    reply in flight: the server must half-close and discard the rest, so the reply arrives."""
+    with trio.fail_after(TIMEOUT):
+        for _ in range(5):
+            raw = await open_raw(server)
+            async with raw.stream:
+                # The header and 512 kB after it in one write, then the client only reads.
+                await raw.send(struct.pack(">I", 2**31) + b"x" * (512 * 1024))
+                reply = await raw.receive()
+                assert (reply["id"], reply["error"]) == (None, "frame_too_large")
+                await raw.expect_closed()
+
+
 # -- framing over a byte stream ---------------------------------------------------------------
 
 
