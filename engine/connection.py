@@ -22,7 +22,7 @@ from .service import Engine
 log = logging.getLogger("engine.connection")
 
 RECEIVE_BYTES_MAX = 64 * 1024
-# After frame_too_large: how long, and how much input, to discard before closing (see _linger).
+# After a closing error reply: how long, and how much input, to discard before closing (`linger`).
 LINGER_SECONDS = 2.0
 LINGER_DISCARD_BYTES_MAX = 4 * 1024 * 1024
 SERVER_NAME = "inventory-reservation-engine/0.1"
@@ -31,6 +31,23 @@ SERVER_NAME = "inventory-reservation-engine/0.1"
 def _same_secret(offered: str | None, expected: str) -> bool:
     # Constant time, so the token cannot be guessed byte by byte from reply timing.
     return offered is not None and hmac.compare_digest(offered.encode("utf-8"), expected.encode("utf-8"))
+
+
+async def linger(stream: trio.SocketStream, seconds: float = LINGER_SECONDS) -> None:
+    """Close politely after an error reply, without the reply being lost. Closing a socket with
+    unread input makes the kernel send a reset, which can destroy the reply before the client
+    reads it; so half-close, then discard what the client still sends, within bounds."""
+    with trio.move_on_after(seconds):
+        try:
+            await stream.send_eof()
+            discarded_bytes = 0
+            while discarded_bytes < LINGER_DISCARD_BYTES_MAX:
+                data = await stream.receive_some(RECEIVE_BYTES_MAX)
+                if not data:
+                    return
+                discarded_bytes += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
 
 
 class Connection:
@@ -63,7 +80,7 @@ class Connection:
                     await self._discard_input()  # a watcher sends nothing more; notice its close
                     nursery.cancel_scope.cancel()
             if self._protocol.broken:
-                await self._linger()
+                await linger(self._stream)
         finally:
             self._engine.wal.remove_listener(self._wake)
             self._closed = True
@@ -160,22 +177,6 @@ class Connection:
     async def _discard_input(self) -> None:
         while await self._receive():
             pass
-
-    async def _linger(self) -> None:
-        """Close after a framing error without losing the error reply. Closing a socket with
-        unread input makes the kernel send a reset, which can destroy the reply before the client
-        reads it; so half-close, then discard what the client still sends, within bounds."""
-        with trio.move_on_after(LINGER_SECONDS):
-            try:
-                await self._stream.send_eof()
-                discarded_bytes = 0
-                while discarded_bytes < LINGER_DISCARD_BYTES_MAX:
-                    data = await self._stream.receive_some(RECEIVE_BYTES_MAX)
-                    if not data:
-                        return
-                    discarded_bytes += len(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
 
     async def _receive(self) -> bytes:
         """Bytes from the client; b"" when it closed or vanished."""

@@ -24,7 +24,7 @@ from protocol import codes, error_reply, pack
 
 from .actors import Router
 from .config import Config
-from .connection import Connection
+from .connection import Connection, linger
 from .recovery import recover
 from .service import Engine, wall_clock_ms
 from .storage import LmdbStorage
@@ -105,6 +105,10 @@ async def run_server(
 # of a reserve (measured: 24 -> 12 us per reserve in the engine). Collections stay on, rarer.
 GC_GENERATION0_THRESHOLD = 50_000
 
+# A refused connection lingers briefly (its overloaded reply must not be lost to a reset), but
+# not long: a flood of connections must not pile up lingering tasks.
+REFUSED_LINGER_SECONDS = 0.25
+
 
 def _tune_garbage_collector() -> None:
     gc.collect()
@@ -122,6 +126,7 @@ async def _handle_connection(stream: trio.SocketStream, *, engine: Engine, count
                 await stream.send_all(pack(reply))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+        await linger(stream, REFUSED_LINGER_SECONDS)
         await stream.aclose()
         return
     counters["open"] += 1
