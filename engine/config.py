@@ -25,6 +25,10 @@ class Config:
     # Back-pressure. At each bound the server answers `overloaded` or stops reading a socket.
     connections_max: int = 4096
     in_flight_per_connection_max: int = 4096  # unanswered requests; then the socket is not read
+    # A frame begun and not finished within this time closes the connection: a client that
+    # trickles (or stalls in) a frame would otherwise hold a connection slot forever. An idle
+    # connection between frames is fine and is kept.
+    partial_frame_timeout_seconds: float = 30.0
     mailbox_messages_max: int = 4096  # per actor
     actors_running_max: int = 200_000  # awake actor tasks (sleeping SKU-locations cost no task)
     wal_backlog_max: int = 200_000  # records applied but not yet committed

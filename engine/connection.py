@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 from typing import Any
 
 import trio
@@ -179,12 +180,18 @@ class Connection:
             pass
 
     async def _receive(self) -> bytes:
-        """Bytes from the client; b"" when it closed or vanished."""
+        """Bytes from the client; b"" when it closed, vanished, or stalled inside a frame."""
+        stalled = self._protocol.partial_frame_bytes > 0
+        timeout_seconds = self._config.partial_frame_timeout_seconds if stalled else math.inf
         try:
-            return await self._stream.receive_some(RECEIVE_BYTES_MAX)
+            with trio.move_on_after(timeout_seconds):
+                return await self._stream.receive_some(RECEIVE_BYTES_MAX)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             log.debug("connection lost while reading: %s", error)
             return b""
+        self._counters["partial_frame_timeouts"] += 1
+        log.info("closing a connection stalled for %.1f s inside a frame", timeout_seconds)
+        return b""
 
     async def _send(self, data: bytes) -> None:
         """Write to the client; a vanished client ends the connection (its replies are dropped;

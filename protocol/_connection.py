@@ -53,6 +53,11 @@ class ServerProtocol:
         self._decoder = FrameDecoder(max_frame_bytes)
         self.broken = False  # set after frame_too_large: nothing more is read
 
+    @property
+    def partial_frame_bytes(self) -> int:
+        """Bytes of a frame begun but not complete (0 between frames)."""
+        return self._decoder.buffered_bytes
+
     def receive_data(self, data: bytes, events_max: int = 1 << 30) -> list[ServerEvent]:
         """Feed bytes; return the requests (and rejections) they complete, in order.
 

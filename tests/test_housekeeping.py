@@ -148,3 +148,25 @@ async def test_a_vanishing_client_loses_nothing_acknowledged_and_harms_no_one(st
                     assert error.code == "not_found"
             assert (await client.get("sku", "w"))["reserved"] == held
             assert (await client.ping())["ok"] is True
+
+
+async def test_a_connection_stalled_inside_a_frame_is_closed_and_an_idle_one_is_kept(start_server):
+    server = await start_server(partial_frame_timeout_seconds=0.2)
+    with trio.fail_after(TIMEOUT_SECONDS):
+        idle = await trio.open_tcp_stream(server.host, server.port)
+        stalled = await trio.open_tcp_stream(server.host, server.port)
+        _, frame = ClientProtocol().request("ping")
+        await stalled.send_all(frame[:3])  # half a header, then nothing
+        assert await stalled.receive_some(1024) == b""  # closed by the server
+        await trio.sleep(0.3)
+        codec = ClientProtocol()
+        request_id, frame = codec.request("ping")
+        await idle.send_all(frame)  # idle between frames for longer than the timeout: still served
+        replies = []
+        while not replies:
+            replies = codec.receive_data(await idle.receive_some(1024))
+        assert replies[0]["id"] == request_id and replies[0]["ok"] is True
+        await idle.aclose()
+        await stalled.aclose()
+        async with open_trio_client(server.host, server.port) as client:
+            assert (await client.stats())["connections"]["partial_frame_timeouts"] == 1
