@@ -120,12 +120,12 @@ class Engine:
         reply["id"] = request_id
         reply_to(reply)
 
-    def _at_actor(self, key: StockKey, request_id: int | None, command: Any, reply_to: ReplySink, then: Callable[[], None] | None = None) -> None:
+    def _at_actor(self, key: StockKey, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
         """Decide `command` in the actor of `key`, in order with what is queued there."""
         if not self.router.has_room([key]):
             reply_to(self._overloaded(request_id, f"the queue of {key!r} is full"))
             return
-        self.router.send(key, lambda: self._decide_unblocked(request_id, command, reply_to, then))
+        self.router.send(key, lambda: self._decide_unblocked(request_id, command, reply_to))
 
     def _decide_unblocked(self, request_id: int | None, command: Any, reply_to: ReplySink, then: Callable[[], None] | None = None) -> None:
         """Decide now or, if only other requests' tentative holds stand in the way, once they are lifted."""
@@ -189,8 +189,8 @@ class Engine:
             return
         self._pending_rids[command.rid] = deque()
         rid_decided = lambda: self._rid_decided(command.rid)  # noqa: E731
-        if len(keys) == 1:
-            self._at_actor(keys[0], request_id, command, reply_to, then=rid_decided)
+        if len(keys) == 1:  # room was checked above
+            self.router.send(keys[0], lambda: self._decide_unblocked(request_id, command, reply_to, rid_decided))
             return
 
         def decide() -> None:
