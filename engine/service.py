@@ -149,7 +149,7 @@ class Engine:
             return None
         blocking_key = None
         for key, qty in lines:
-            available = self.state.stock(*key).available
+            available = self._available(key)
             if available < qty:
                 return None  # refused on the real state: nothing to wait for
             if blocking_key is None and available - self.tentative.get(key, 0) < qty:

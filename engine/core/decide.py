@@ -103,9 +103,9 @@ def _reserve(context: _Context, command: Reserve) -> Reply:
         return {**_reserve_reply(existing), "duplicate": True}
     short = []
     for sku, loc, qty in lines:
-        free = context.available(sku, loc)
-        if free < qty:
-            short.append({"sku": sku, "loc": loc, "requested": qty, "available": free})
+        available = context.available(sku, loc)
+        if available < qty:
+            short.append({"sku": sku, "loc": loc, "requested": qty, "available": available})
     if short:
         seq = context.stocks_seq((sku, loc) for sku, loc, _ in lines)
         return _error(seq, codes.INSUFFICIENT, f"{len(short)} of {len(lines)} lines cannot be held", lines=short)
@@ -271,11 +271,11 @@ def _transfer(context: _Context, command: Transfer) -> Reply:
         return known
     if command.from_loc == command.to_loc:
         return _error(0, codes.INVALID, "transfer needs two different locations")
-    free = context.available(command.sku, command.from_loc)
-    if free < command.qty:
+    available = context.available(command.sku, command.from_loc)
+    if available < command.qty:
         seq = context.stocks_seq([(command.sku, command.from_loc), (command.sku, command.to_loc)])
-        short = [{"sku": command.sku, "loc": command.from_loc, "requested": command.qty, "available": free}]
-        return _error(seq, codes.INSUFFICIENT, f"only {free} available at {command.from_loc!r}", lines=short)
+        short = [{"sku": command.sku, "loc": command.from_loc, "requested": command.qty, "available": available}]
+        return _error(seq, codes.INSUFFICIENT, f"only {available} available at {command.from_loc!r}", lines=short)
     context.emit(TRANSFERRED, key=command.key, sku=command.sku, **{"from": command.from_loc, "to": command.to_loc}, qty=command.qty)
     return _ok(context.state.seq, **context.state.keys[command.key].reply)
 
