@@ -29,13 +29,15 @@ class Config:
     # trickles (or stalls in) a frame would otherwise hold a connection slot forever. An idle
     # connection between frames is fine and is kept.
     partial_frame_timeout_seconds: float = 30.0
-    mailbox_messages_max: int = 4096  # per actor
-    actors_running_max: int = 200_000  # awake actor tasks (sleeping SKU-locations cost no task)
+    mailbox_messages_max: int = 16_384  # per owner task (each owns a partition of SKU-locations)
     wal_backlog_max: int = 200_000  # records applied but not yet committed
 
     # Group commit: one LMDB transaction (one fsync) takes what has gathered, up to this many.
     records_per_commit_max: int = 20_000
-    actor_idle_seconds: float = 2.0  # an actor with nothing to do for this long goes to sleep
+    # Owner tasks, each owning a hash partition of the SKU-locations. Few enough that each
+    # wake-up drains a batch under any spread of keys; more than one so that partitions are
+    # ready to move to other processes later.
+    owner_tasks: int = 8
 
     id_retention_ms: int = DAY_MS  # rid/key remembered at least this long after the end
     forget_interval_seconds: float = 60.0

@@ -1,16 +1,19 @@
-"""One client connection: read frames, route requests, send replies once they are durable.
+"""One client connection: read frames, route requests; replies go out through the outbox.
 
-Two tasks per connection. The receiver decodes every frame it has and submits requests; it stops
-reading while `in_flight_per_connection_max` replies are owed (TCP back-pressure instead of an
-unbounded queue). The sender waits until the log is durable up to each reply's `seq` and writes
-every ready reply in one `send_all`. A `watch` turns the connection into an event stream.
+The connection's own task reads and decodes every frame it has and submits the requests. Their
+replies reach the outbox (`outbox.py`), which writes them to the socket as soon as the log is
+durable up to their `seq`, from whichever task made them sendable. A second task, the writer,
+sleeps until the socket's buffer is full (a client that does not read), then waits for it to
+drain. Reading stops while `in_flight_per_connection_max` replies are owed or unsent bytes wait
+(TCP back-pressure instead of an unbounded queue). A `watch` turns the connection into an event
+stream written by the writer task.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import math
+from collections import deque
 from typing import Any
 
 import trio
@@ -19,10 +22,10 @@ import protocol
 from protocol import Hello, Ping, RequestRejected, Snapshot, Stats, Watch, codes, error_reply
 
 from .service import Engine
+from .transport import ConnectionLost, SocketTransport
 
 log = logging.getLogger("engine.connection")
 
-RECEIVE_BYTES_MAX = 64 * 1024
 # After a closing error reply: how long, and how much input, to discard before closing (`linger`).
 LINGER_SECONDS = 2.0
 LINGER_DISCARD_BYTES_MAX = 4 * 1024 * 1024
@@ -34,70 +37,70 @@ def _same_secret(offered: str | None, expected: str) -> bool:
     return offered is not None and hmac.compare_digest(offered.encode("utf-8"), expected.encode("utf-8"))
 
 
-async def linger(stream: trio.SocketStream, seconds: float = LINGER_SECONDS) -> None:
+async def linger(transport: SocketTransport, seconds: float = LINGER_SECONDS) -> None:
     """Close politely after an error reply, without the reply being lost. Closing a socket with
     unread input makes the kernel send a reset, which can destroy the reply before the client
     reads it; so half-close, then discard what the client still sends, within bounds."""
     with trio.move_on_after(seconds):
-        try:
-            await stream.send_eof()
-            discarded_bytes = 0
-            while discarded_bytes < LINGER_DISCARD_BYTES_MAX:
-                data = await stream.receive_some(RECEIVE_BYTES_MAX)
-                if not data:
-                    return
-                discarded_bytes += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+        transport.send_eof()
+        discarded_bytes = 0
+        while discarded_bytes < LINGER_DISCARD_BYTES_MAX:
+            data = await transport.receive()
+            if not data:
+                return
+            discarded_bytes += len(data)
 
 
 class Connection:
-    def __init__(self, stream: trio.SocketStream, engine: Engine, counters: dict[str, int]):
-        self._stream = stream
+    def __init__(self, transport: SocketTransport, engine: Engine, counters: dict[str, int]):
+        self._transport = transport
         self._engine = engine
+        self._outbox = engine.outbox
         self._config = engine.config
         self._counters = counters
         self._protocol = protocol.ServerProtocol(self._config.max_frame_bytes)
         self._authorized = self._config.token is None
-        self._pending: list[dict[str, Any]] = []  # replies received, not yet sent
-        self._owed = 0  # requests read whose reply has not been sent
-        self._wake_sender = trio.Event()
-        self._room = trio.Event()
+        # The outbox's view of this connection (see `outbox.ReplyTarget`).
+        self.closed = False
+        self.ready: list[bytes] = []
+        self.waiting: deque[tuple[int, bytes, Any]] = deque()
+        self._unsent = bytearray()  # bytes the socket did not take yet: the writer task's job
+        self._owed = 0  # requests read whose reply has not been handed to the socket
+        self._reader_wakeup: trio.Event | None = None
+        self._writer_wakeup = trio.Event()
         self._input_done = False
         self._watch_from_seq: int | None = None
-        self._closed = False
         self._cancel_scope = trio.CancelScope()
+        self.deliver = self._deliver  # the engine's reply sink for this connection
 
     async def run(self) -> None:
-        self._engine.wal.add_listener(self._wake)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
-                nursery.start_soon(self._send_loop)
+                nursery.start_soon(self._write_loop)
                 await self._receive_loop(nursery)
                 self._input_done = True
-                self._wake_sender.set()
+                self._writer_wakeup.set()
                 if self._watch_from_seq is not None:
                     await self._discard_input()  # a watcher sends nothing more; notice its close
                     nursery.cancel_scope.cancel()
-            if self._protocol.broken:
-                await linger(self._stream)
+            if self._protocol.broken and not self._transport.closed:
+                await linger(self._transport)
         finally:
-            self._engine.wal.remove_listener(self._wake)
-            self._closed = True
-            with trio.move_on_after(1) as cleanup:
-                cleanup.shield = True
-                await self._stream.aclose()
+            self.closed = True
+            self.ready.clear()
+            self.waiting.clear()
 
     # -- receiving ----------------------------------------------------------------------------
 
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
+        in_flight_max = self._config.in_flight_per_connection_max
         while True:
-            room = self._config.in_flight_per_connection_max - self._owed
-            if room <= 0:
+            room = in_flight_max - self._owed
+            if room <= 0 or self._unsent:
                 self._counters["reading_paused"] += 1
-                self._room = trio.Event()
-                await self._room.wait()
+                self._reader_wakeup = trio.Event()
+                await self._reader_wakeup.wait()
                 continue
             events = self._protocol.next_events(room)
             if not events:
@@ -107,19 +110,26 @@ class Connection:
                 if not data:
                     return
                 events = self._protocol.receive_data(data, room)
+            self._owed += len(events)
+            submit = self._engine.submit
+            deliver = self._deliver
             for event in events:
-                self._owed += 1
-                if isinstance(event, RequestRejected):
+                if type(event) is RequestRejected:
                     self._counters["rejected_frames"] += 1
-                    self._deliver({**event.reply, "seq": 0})
+                    deliver({**event.reply, "seq": 0})
                     if event.close:
+                        self._owed -= len(events) - 1 - events.index(event)
                         return
                     continue
-                if self._handle(event.request_id, event.command, nursery):
+                command = event.command
+                if self._authorized and not isinstance(command, _CONNECTION_COMMANDS):
+                    submit(event.request_id, command, deliver)
+                elif self._handle(event.request_id, command, nursery):
+                    self._owed -= len(events) - 1 - events.index(event)
                     return  # watch: no more requests on this connection
 
     def _handle(self, request_id: int, command: Any, nursery: trio.Nursery) -> bool:
-        """Route one request. Returns True when the connection became a watch stream."""
+        """A request the connection answers itself. Returns True when it became a watch stream."""
         if isinstance(command, Hello):
             self._deliver(self._hello(request_id, command))
         elif not self._authorized:
@@ -136,7 +146,7 @@ class Connection:
         elif isinstance(command, Watch):
             return self._watch(request_id, command)
         else:
-            self._engine.submit(request_id, command, self._deliver)
+            raise AssertionError(f"not a connection command: {command!r}")
         return False
 
     def _hello(self, request_id: int, command: Hello) -> dict[str, Any]:
@@ -181,76 +191,73 @@ class Connection:
 
     async def _receive(self) -> bytes:
         """Bytes from the client; b"" when it closed, vanished, or stalled inside a frame."""
-        stalled = self._protocol.partial_frame_bytes > 0
-        timeout_seconds = self._config.partial_frame_timeout_seconds if stalled else math.inf
-        try:
-            with trio.move_on_after(timeout_seconds):
-                return await self._stream.receive_some(RECEIVE_BYTES_MAX)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            log.debug("connection lost while reading: %s", error)
-            return b""
+        if self._protocol.partial_frame_bytes == 0:
+            return await self._transport.receive()
+        timeout_seconds = self._config.partial_frame_timeout_seconds
+        with trio.move_on_after(timeout_seconds):
+            return await self._transport.receive()
         self._counters["partial_frame_timeouts"] += 1
         log.info("closing a connection stalled for %.1f s inside a frame", timeout_seconds)
         return b""
-
-    async def _send(self, data: bytes) -> None:
-        """Write to the client; a vanished client ends the connection (its replies are dropped;
-        what they acknowledge is durable already)."""
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            log.debug("connection lost while writing: %s", error)
-            self._cancel_scope.cancel()
-            await trio.lowlevel.checkpoint()
 
     # -- sending ------------------------------------------------------------------------------
 
     def _deliver(self, reply: dict[str, Any]) -> None:
         """The engine's reply sink: called once per request, now or later."""
-        if self._closed:
+        self._outbox.deliver(self, reply)
+
+    def flush(self) -> None:
+        """Hand every ready reply to the socket (called by the outbox)."""
+        if self.closed or not self.ready:
+            self.ready.clear()
             return
-        self._pending.append(reply)
-        self._wake_sender.set()
+        data = b"".join(self.ready)
+        self._owed -= len(self.ready)
+        self.ready.clear()
+        if self._unsent:
+            self._unsent += data  # behind bytes the writer is waiting to send
+        else:
+            try:
+                sent = self._transport.try_send(data)
+            except ConnectionLost as error:
+                self._lost(error)
+                return
+            if sent < len(data):
+                self._unsent += memoryview(data)[sent:]
+                self._writer_wakeup.set()
+        if self._owed == 0 and self._input_done:
+            self._writer_wakeup.set()
+        if self._reader_wakeup is not None and not self._unsent:
+            self._reader_wakeup.set()
+            self._reader_wakeup = None
 
-    def _wake(self) -> None:
-        self._wake_sender.set()
+    def _lost(self, error: Exception) -> None:
+        """The client vanished: its replies are dropped (what they acknowledge is durable already)."""
+        log.debug("connection lost while writing: %s", error)
+        self.closed = True
+        self._cancel_scope.cancel()
 
-    async def _send_loop(self) -> None:
+    async def _write_loop(self) -> None:
         while True:
-            if self._pending:
-                ready, self._pending = self._partition()
-                if ready:
-                    await self._send(b"".join(protocol.pack(reply) for reply in ready))
-                    self._owed -= len(ready)
-                    self._room.set()
-                    continue
-            elif self._input_done and self._owed == 0:
+            if self._unsent:
+                await self._transport.wait_writable()
+                try:
+                    sent = self._transport.try_send(self._unsent)
+                except ConnectionLost as error:
+                    self._lost(error)
+                    return
+                del self._unsent[:sent]
+                if not self._unsent and self._reader_wakeup is not None:
+                    self._reader_wakeup.set()
+                    self._reader_wakeup = None
+                continue
+            if self._input_done and self._owed == 0:
                 if self._watch_from_seq is not None:
                     await self._stream_events(self._watch_from_seq)
                 self._cancel_scope.cancel()
                 return
-            # Woken by a new reply or by the log becoming durable further.
-            self._wake_sender = trio.Event()
-            await self._wake_sender.wait()
-
-    def _partition(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Split pending replies into those that may go out now and those that wait for the log.
-        Once the log has failed, a waiting reply can never be acknowledged: it becomes `internal`."""
-        wal = self._engine.wal
-        durable_seq, failed = wal.durable_seq, wal.failure is not None
-        ready, waiting = [], []
-        for reply in self._pending:
-            if reply.get("seq", 0) <= durable_seq:
-                ready.append(reply)
-            elif failed:
-                ready.append(self._failed(reply))
-            else:
-                waiting.append(reply)
-        return ready, waiting
-
-    @staticmethod
-    def _failed(reply: dict[str, Any]) -> dict[str, Any]:
-        return error_reply(reply.get("id"), codes.INTERNAL, "the change could not be made durable; the server must be restarted", seq=0)
+            self._writer_wakeup = trio.Event()
+            await self._writer_wakeup.wait()
 
     async def _stream_events(self, next_seq: int) -> None:
         """Push every durable event from `next_seq` on, in log order, until the client leaves."""
@@ -264,5 +271,13 @@ class Connection:
             if not events or events[0]["seq"] != next_seq:
                 log.warning("watcher fell behind the retained log at seq %d", next_seq)
                 return
-            await self._send(b"".join(protocol.pack({"event": event}) for event in events))
+            try:
+                await self._transport.send_all(b"".join(protocol.pack({"event": event}) for event in events))
+            except ConnectionLost as error:
+                self._lost(error)
+                return
             next_seq = events[-1]["seq"] + 1
+
+
+# Requests the connection answers itself; every other command goes to the engine.
+_CONNECTION_COMMANDS = (Hello, Ping, Stats, Snapshot, Watch)

@@ -1,18 +1,18 @@
 """Multi-line reserves: all-or-nothing across SKU-locations without a global lock.
 
-Each line's actor, in its turn, places a tentative hold if the line fits (what other requests see
-as unavailable meanwhile). When every actor has answered, the holds are lifted and the pure core
+Each line's owner, in its turn, places a tentative hold if the line fits (what other requests see
+as unavailable meanwhile). When every owner has answered, the holds are lifted and the pure core
 decides the whole reservation at once against the current state: it is granted, and logged as
 one record, only if every line fits at that moment. The tentative holds never decide anything;
 they keep stock a multi-line request is about to take from being promised to someone else
-while its other lines wait for their actors.
+while its other lines wait for their owners.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from .actors import Router
+from .owners import Owners
 from .core import StockKey
 
 
@@ -32,10 +32,10 @@ class MultiLineHold:
         self._held: list[tuple[StockKey, int]] = []
         self._unanswered = len(lines)
 
-    def start(self, router: Router) -> None:
-        """Send a hold to every line's actor (the caller checked `router.has_room`)."""
+    def start(self, owners: Owners) -> None:
+        """Send a hold to every line's owner (the caller checked `owners.has_room`)."""
         for key, qty in self._lines:
-            router.send(key, lambda key=key, qty=qty: self._hold(key, qty))
+            owners.send(key, lambda key=key, qty=qty: self._hold(key, qty))
 
     def _hold(self, key: StockKey, qty: int) -> None:
         if self._available(key) - self._tentative.get(key, 0) >= qty:

@@ -2,8 +2,9 @@
 
 Nursery layout (structured concurrency: every task has a parent):
   run_server
-  └─ log nursery: the WAL writer (outlives everything that appends to it)
-     └─ service nursery: actors, housekeeping (expiry, id retention, snapshots), listener,
+  └─ log nursery: the WAL writer (outlives everything that appends to it),
+     │  outbox flusher (writes replies that became ready outside a commit)
+     └─ service nursery: owner tasks, housekeeping (expiry, id retention, snapshots), listener,
         connections
 Shutdown: stop the service nursery (no new changes), flush the log, write a snapshot, close.
 """
@@ -22,12 +23,14 @@ import trio
 
 from protocol import codes, error_reply, pack
 
-from .actors import Router
 from .config import Config
 from .connection import Connection, linger
+from .outbox import Outbox
+from .owners import Owners
 from .recovery import recover
 from .service import Engine, wall_clock_ms
 from .storage import LmdbStorage
+from .transport import ConnectionLost, SocketTransport, open_listener, serve
 from .wal import WriteAheadLog
 
 log = logging.getLogger("engine.server")
@@ -71,20 +74,22 @@ async def run_server(
     try:
         state, replayed = await trio.to_thread.run_sync(recover, storage)
         _tune_garbage_collector()
-        wal = WriteAheadLog(storage, config.records_per_commit_max, config.snapshots_kept)
+        outbox = Outbox()
+        wal = WriteAheadLog(storage, config.records_per_commit_max, config.snapshots_kept, outbox)
         async with trio.open_nursery() as log_nursery:
             log_nursery.start_soon(wal.run)
+            log_nursery.start_soon(outbox.run_flusher)
             async with trio.open_nursery() as service_nursery:
-                router = Router(service_nursery, config.mailbox_messages_max, config.actors_running_max, config.actor_idle_seconds)
-                engine = Engine(config, state, storage, wal, router, clock_ms)
+                owners = Owners(service_nursery, config.owner_tasks, config.mailbox_messages_max)
+                engine = Engine(config, state, storage, wal, owners, outbox, clock_ms)
                 latest = storage.snapshot_seqs()
                 engine.last_snapshot_seq = latest[-1] if latest else 0
                 service_nursery.start_soon(engine.run_housekeeping)
-                listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-                port = listeners[0].socket.getsockname()[1]
+                listener = open_listener(config.host, config.port)
+                port = listener.getsockname()[1]
                 counters: Counter = Counter()
                 handler = partial(_handle_connection, engine=engine, counters=counters)
-                service_nursery.start_soon(trio.serve_listeners, handler, listeners)
+                service_nursery.start_soon(serve, listener, handler)
                 log.info("listening on %s:%d (data in %s, seq %d, %d records replayed)", config.host, port, config.data_dir, state.seq, replayed)
                 task_status.started(RunningServer(config.host, port, engine, shutdown, stopped))
                 await shutdown.wait()
@@ -117,21 +122,20 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(GC_GENERATION0_THRESHOLD, generation1, generation2)
 
 
-async def _handle_connection(stream: trio.SocketStream, *, engine: Engine, counters: Counter) -> None:
+async def _handle_connection(transport: SocketTransport, *, engine: Engine, counters: Counter) -> None:
     if counters["open"] >= engine.config.connections_max:
         counters["refused"] += 1
         reply = error_reply(None, codes.OVERLOADED, f"too many connections ({engine.config.connections_max}); retry later")
         with trio.move_on_after(1):
             try:
-                await stream.send_all(pack(reply))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-        await linger(stream, REFUSED_LINGER_SECONDS)
-        await stream.aclose()
+                await transport.send_all(pack(reply))
+            except ConnectionLost:
+                return
+        await linger(transport, REFUSED_LINGER_SECONDS)
         return
     counters["open"] += 1
     counters["total"] += 1
     try:
-        await Connection(stream, engine, counters).run()
+        await Connection(transport, engine, counters).run()
     finally:
         counters["open"] -= 1

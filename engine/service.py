@@ -2,9 +2,9 @@
 decided, logs the events, and hands every reply back with the seq it must wait for.
 
 Where each command is decided:
-- `get`, `adjust`, `count`, single-line `reserve`, `transfer` (at its source): in the actor of
+- `get`, `adjust`, `count`, single-line `reserve`, `transfer` (at its source): in the owner of
   the SKU-location, in order with everything else queued there.
-- multi-line `reserve`: tentative holds at each line's actor, then one decision (`coordinator`).
+- multi-line `reserve`: tentative holds at each line's owner, then one decision (`coordinator`).
 - `release`, `commit`, `extend`, `lookup`, expiry, `query`: at once, in the caller's step. They
   never depend on availability (a release or commit can always be applied), so they need no turn
   in a mailbox; applying them synchronously keeps every stock's history in log order.
@@ -30,12 +30,13 @@ import trio
 
 from protocol import MUTATING_COMMANDS, Adjust, Commit, Count, Extend, Get, Lookup, Query, Release, Reserve, Transfer, codes, error_reply
 
-from .actors import Router
 from .config import Config
 from .coordinator import MultiLineHold
 from .core import Expire, Forget, State, StockKey, apply
 from .core.events import EXTENDED, RESERVED
 from .expiry import ExpiryScheduler
+from .outbox import Outbox
+from .owners import Owners
 from .storage import LmdbStorage
 from .wal import WriteAheadLog
 
@@ -54,13 +55,17 @@ class Engine:
     The reply map carries `seq`: the caller must not send it before `wal.durable_seq >= seq`.
     """
 
-    def __init__(self, config: Config, state: State, storage: LmdbStorage, wal: WriteAheadLog, router: Router, clock_ms: Callable[[], int] = wall_clock_ms):
+    def __init__(
+        self, config: Config, state: State, storage: LmdbStorage, wal: WriteAheadLog, owners: Owners, outbox: Outbox,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ):
         assert state.seq == wal.appended_seq, f"state at {state.seq}, log at {wal.appended_seq}"
         self.config = config
         self.state = state
         self.storage = storage
         self.wal = wal
-        self.router = router
+        self.owners = owners
+        self.outbox = outbox
         self.clock_ms = clock_ms
         self.tentative: dict[StockKey, int] = {}
         self._pending_rids: dict[str, deque[Callable[[], None]]] = {}
@@ -90,9 +95,9 @@ class Engine:
         elif isinstance(command, (Release, Commit, Extend, Lookup)):
             self._with_rid(command.rid, lambda: self._decide(request_id, command, reply_to))
         elif isinstance(command, (Get, Adjust, Count)):
-            self._at_actor((command.sku, command.loc), request_id, command, reply_to)
+            self._at_owner((command.sku, command.loc), request_id, command, reply_to)
         elif isinstance(command, Transfer):
-            self._at_actor((command.sku, command.from_loc), request_id, command, reply_to)
+            self._at_owner((command.sku, command.from_loc), request_id, command, reply_to)
         elif isinstance(command, Query):
             self._decide(request_id, command, reply_to)
         else:
@@ -120,12 +125,12 @@ class Engine:
         reply["id"] = request_id
         reply_to(reply)
 
-    def _at_actor(self, key: StockKey, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
-        """Decide `command` in the actor of `key`, in order with what is queued there."""
-        if not self.router.has_room([key]):
-            reply_to(self._overloaded(request_id, f"the queue of {key!r} is full"))
+    def _at_owner(self, key: StockKey, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
+        """Decide `command` in the owner of `key`, in order with what is queued there."""
+        if not self.owners.has_room([key]):
+            reply_to(self._overloaded(request_id, f"the queue of the owner of {key!r} is full"))
             return
-        self.router.send(key, lambda: self._decide_unblocked(request_id, command, reply_to))
+        self.owners.send(key, lambda: self._decide_unblocked(request_id, command, reply_to))
 
     def _decide_unblocked(self, request_id: int | None, command: Any, reply_to: ReplySink, then: Callable[[], None] | None = None) -> None:
         """Decide now or, if only other requests' tentative holds stand in the way, once they are lifted."""
@@ -184,13 +189,13 @@ class Engine:
         if command.rid in self.state.reservations:  # a retry: the core answers from memory
             self._decide(request_id, command, reply_to)
             return
-        if not self.router.has_room(keys):
+        if not self.owners.has_room(keys):
             reply_to(self._overloaded(request_id, "a SKU-location queue is full"))
             return
         self._pending_rids[command.rid] = deque()
         rid_decided = lambda: self._rid_decided(command.rid)  # noqa: E731
         if len(keys) == 1:  # room was checked above
-            self.router.send(keys[0], lambda: self._decide_unblocked(request_id, command, reply_to, rid_decided))
+            self.owners.send(keys[0], lambda: self._decide_unblocked(request_id, command, reply_to, rid_decided))
             return
 
         def decide() -> None:
@@ -200,7 +205,7 @@ class Engine:
             self._holds_lifted(keys)
 
         lines = [((line.sku, line.loc), line.qty) for line in command.lines]
-        MultiLineHold(lines, self.tentative, self._available, decide).start(self.router)
+        MultiLineHold(lines, self.tentative, self._available, decide).start(self.owners)
 
     def _available(self, key: StockKey) -> int:
         return self.state.stock(*key).available
@@ -255,10 +260,10 @@ class Engine:
             "reservations": len(self.state.reservations),
             "held": sum(1 for r in self.state.reservations.values() if r.state == "held"),
             "keys": len(self.state.keys),
-            "actors_running": self.router.actors_running,
-            "actors_started": self.router.actors_started,
-            "actor_messages": self.router.messages_processed,
-            "actor_wakeups": self.router.wakeups,
+            "owners": self.owners.owner_count,
+            "owner_messages": self.owners.messages_processed,
+            "owner_wakeups": self.owners.wakeups,
+            "owner_queued": self.owners.queued,
             "tentative_holds": len(self.tentative),
             "parked": sum(len(jobs) for jobs in self._parked.values()),
             "rids_in_flight": len(self._pending_rids),

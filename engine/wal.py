@@ -11,18 +11,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any
 
 import trio
 
 from .core import Event
+from .outbox import Outbox
 from .storage import LmdbStorage
 
 log = logging.getLogger("engine.wal")
 
 
 class WriteAheadLog:
-    def __init__(self, storage: LmdbStorage, records_per_commit_max: int, snapshots_kept: int):
+    def __init__(self, storage: LmdbStorage, records_per_commit_max: int, snapshots_kept: int, outbox: Outbox):
         assert records_per_commit_max >= 1
         self._storage = storage
         self._records_per_commit_max = records_per_commit_max
@@ -32,9 +33,10 @@ class WriteAheadLog:
         self._snapshot_requests: list[list[Any]] = []
         self._work = trio.Event()
         self._durable_changed = trio.Event()
-        self._listeners: set[Callable[[], None]] = set()
+        self._outbox = outbox
         self.appended_seq = storage.last_seq  # last seq handed to append()
         self.durable_seq = storage.last_seq
+        outbox.release(self.durable_seq)
         self.failure: str | None = None  # set once a commit fails; nothing is acked after it
         self.commits = 0
         self.records_committed = 0
@@ -73,19 +75,15 @@ class WriteAheadLog:
         if error is not None:
             raise RuntimeError(error)
 
-    def add_listener(self, wake: Callable[[], None]) -> None:
-        """Call `wake()` (synchronously) whenever `durable_seq` or `failure` changes. Lets a
-        connection wait on one event for both new replies and durability."""
-        self._listeners.add(wake)
-
-    def remove_listener(self, wake: Callable[[], None]) -> None:
-        self._listeners.discard(wake)
-
     def _broadcast(self) -> None:
+        """Hand out what became durable (or that nothing more will): replies first, then wake
+        whoever waits for the log (watchers, flush, snapshots)."""
+        if self.failure is None:
+            self._outbox.release(self.durable_seq)
+        else:
+            self._outbox.fail()
         event, self._durable_changed = self._durable_changed, trio.Event()
         event.set()
-        for wake in self._listeners:
-            wake()
 
     async def run(self) -> None:
         """The writer loop. Runs until cancelled; on a failed commit it records why and stops."""

@@ -1,4 +1,4 @@
-"""Background work of a running server: actors going to sleep, periodic snapshots, forgetting
+"""Background work of a running server: owner tasks batching, periodic snapshots, forgetting
 old ids, trimming the log; and clients that read slowly or vanish."""
 
 from __future__ import annotations
@@ -18,22 +18,20 @@ async def _eventually(predicate, what: str, timeout_seconds: float = 5.0) -> Non
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def test_idle_actors_go_to_sleep_and_wake_on_the_next_message(start_server):
-    server = await start_server(actor_idle_seconds=0.05)
+async def test_owner_tasks_drain_their_partitions_in_batches(start_server):
+    server = await start_server(owner_tasks=4)
     with trio.fail_after(TIMEOUT_SECONDS):
         async with open_trio_client(server.host, server.port) as client:
-            for index in range(5):
-                await client.adjust(f"k{index}", f"sku-{index}", "w", 3, "receipt")
-            assert (await client.stats())["actors_started"] == 5
-
-            async def all_asleep() -> bool:
-                return (await client.stats())["actors_running"] == 0
-
-            await _eventually(all_asleep, "idle actors to sleep")
-            # The stock outlives its actor; the next message starts a new one.
-            assert (await client.get("sku-3", "w"))["on_hand"] == 3
+            # 400 adjusts over 100 SKU-locations, all in flight at once.
+            async with trio.open_nursery() as nursery:
+                for index in range(400):
+                    nursery.start_soon(client.adjust, f"k{index}", f"sku-{index % 100}", "w", 1, "receipt")
             stats = await client.stats()
-            assert stats["actors_started"] == 6 and stats["stocks"] == 5
+            assert stats["owners"] == 4
+            assert stats["owner_messages"] == 400
+            # Each wake-up of an owner served many messages, not one.
+            assert stats["owner_wakeups"] <= 400 / 4, stats
+            assert all(server.engine.state.stock(f"sku-{index}", "w").on_hand == 4 for index in range(100))
 
 
 async def test_periodic_snapshot_covers_the_changes(start_server):

@@ -125,10 +125,11 @@ class _SlowStorage:
 
 
 async def test_a_snapshot_is_written_while_new_records_keep_arriving():
+    from engine.outbox import Outbox
     from engine.wal import WriteAheadLog
 
     storage = _SlowStorage()
-    wal = WriteAheadLog(storage, records_per_commit_max=1000, snapshots_kept=2)
+    wal = WriteAheadLog(storage, records_per_commit_max=1000, snapshots_kept=2, outbox=Outbox())
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wal.run)
