@@ -64,6 +64,19 @@ class Owners:
             wakeup.set()
             self._wakeups[index] = None
 
+    def try_send(self, key: Hashable, message: Message) -> bool:
+        """Queue `message` for the owner of `key` if its mailbox has room; else return False."""
+        index = hash(key) % self._owner_count
+        mailbox = self._mailboxes[index]
+        if len(mailbox) >= self._mailbox_messages_max:
+            return False
+        mailbox.append(message)
+        wakeup = self._wakeups[index]
+        if wakeup is not None:
+            wakeup.set()
+            self._wakeups[index] = None
+        return True
+
     async def _run(self, index: int) -> None:
         mailbox = self._mailboxes[index]
         while True:

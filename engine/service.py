@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
+from functools import partial
 from typing import Any, Callable
 
 import trio
@@ -68,8 +69,21 @@ class Engine:
         self.outbox = outbox
         self.clock_ms = clock_ms
         self.tentative: dict[StockKey, int] = {}
-        self._pending_rids: dict[str, deque[Callable[[], None]]] = {}
+        # rids whose `reserve` is being decided -> what waits for it (None: nothing yet).
+        self._pending_rids: dict[str, deque[Callable[[], None]] | None] = {}
         self._parked: dict[StockKey, deque[Callable[[], None]]] = {}  # waiting for tentative holds there
+        self._routes: dict[type, Callable[[int | None, Any, ReplySink], None]] = {
+            Reserve: self._route_reserve,
+            Release: self._route_by_rid,
+            Commit: self._route_by_rid,
+            Extend: self._route_by_rid,
+            Lookup: self._route_by_rid,
+            Get: self._route_to_stock,
+            Adjust: self._route_to_stock,
+            Count: self._route_to_stock,
+            Transfer: self._route_transfer,
+            Query: self._decide,
+        }
         self.expiry = ExpiryScheduler(clock_ms, self._expire)
         self.requests = Counter()
         self.errors = Counter()
@@ -83,25 +97,33 @@ class Engine:
 
     def submit(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
         """Route one validated core command. `reply_to` is called once, now or later."""
-        self.requests[type(command)] += 1
+        kind = type(command)
+        self.requests[kind] += 1
         if self.wal.failure is not None:
             reply_to(error_reply(request_id, codes.INTERNAL, self.wal.failure))
             return
-        if isinstance(command, MUTATING_COMMANDS) and self.wal.backlog >= self.config.wal_backlog_max:
+        if kind in _MUTATING and self.wal.backlog >= self.config.wal_backlog_max:
             reply_to(self._overloaded(request_id, f"write-ahead log backlog is at its bound ({self.config.wal_backlog_max} records)"))
             return
-        if isinstance(command, Reserve):
-            self._with_rid(command.rid, lambda: self._reserve(request_id, command, reply_to))
-        elif isinstance(command, (Release, Commit, Extend, Lookup)):
-            self._with_rid(command.rid, lambda: self._decide(request_id, command, reply_to))
-        elif isinstance(command, (Get, Adjust, Count)):
-            self._at_owner((command.sku, command.loc), request_id, command, reply_to)
-        elif isinstance(command, Transfer):
-            self._at_owner((command.sku, command.from_loc), request_id, command, reply_to)
-        elif isinstance(command, Query):
-            self._decide(request_id, command, reply_to)
+        self._routes[kind](request_id, command, reply_to)
+
+    def _route_reserve(self, request_id: int | None, command: Reserve, reply_to: ReplySink) -> None:
+        if command.rid in self._pending_rids:
+            self._with_rid(command.rid, partial(self._reserve, request_id, command, reply_to))
         else:
-            raise AssertionError(f"not a core command: {command!r}")
+            self._reserve(request_id, command, reply_to)
+
+    def _route_by_rid(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
+        if command.rid in self._pending_rids:
+            self._with_rid(command.rid, partial(self._decide, request_id, command, reply_to))
+        else:
+            self._decide(request_id, command, reply_to)
+
+    def _route_to_stock(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
+        self._at_owner((command.sku, command.loc), request_id, command, reply_to)
+
+    def _route_transfer(self, request_id: int | None, command: Transfer, reply_to: ReplySink) -> None:
+        self._at_owner((command.sku, command.from_loc), request_id, command, reply_to)
 
     def _overloaded(self, request_id: int | None, why: str) -> dict[str, Any]:
         self.errors[codes.OVERLOADED] += 1
@@ -127,10 +149,8 @@ class Engine:
 
     def _at_owner(self, key: StockKey, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
         """Decide `command` in the owner of `key`, in order with what is queued there."""
-        if not self.owners.has_room([key]):
+        if not self.owners.try_send(key, partial(self._decide_unblocked, request_id, command, reply_to)):
             reply_to(self._overloaded(request_id, f"the queue of the owner of {key!r} is full"))
-            return
-        self.owners.send(key, lambda: self._decide_unblocked(request_id, command, reply_to))
 
     def _decide_unblocked(self, request_id: int | None, command: Any, reply_to: ReplySink, then: Callable[[], None] | None = None) -> None:
         """Decide now or, if only other requests' tentative holds stand in the way, once they are lifted."""
@@ -170,42 +190,58 @@ class Engine:
 
     def _with_rid(self, rid: str, job: Callable[[], None]) -> None:
         """Run `job` now, or after the in-flight `reserve` of `rid` has been decided."""
-        waiting = self._pending_rids.get(rid)
-        if waiting is None:
+        if rid not in self._pending_rids:
             job()
-        else:
-            waiting.append(job)
+            return
+        waiting = self._pending_rids[rid]
+        if waiting is None:
+            waiting = self._pending_rids[rid] = deque()
+        waiting.append(job)
 
     def _rid_decided(self, rid: str) -> None:
         waiting = self._pending_rids.pop(rid)
         while waiting:
             waiting.popleft()()
             if rid in self._pending_rids:  # that job was another reserve of this rid: queue behind it
-                self._pending_rids[rid].extend(waiting)
+                for job in waiting:
+                    self._with_rid(rid, job)
                 return
 
     def _reserve(self, request_id: int | None, command: Reserve, reply_to: ReplySink) -> None:
-        keys = [(line.sku, line.loc) for line in command.lines]
         if command.rid in self.state.reservations:  # a retry: the core answers from memory
             self._decide(request_id, command, reply_to)
             return
+        lines = command.lines
+        if len(lines) == 1:
+            decide = partial(self._reserve_one_line, request_id, command, reply_to)
+            if not self.owners.try_send(lines[0][:2], decide):
+                reply_to(self._overloaded(request_id, "a SKU-location queue is full"))
+                return
+            self._pending_rids[command.rid] = None
+            return
+        keys = [(line.sku, line.loc) for line in lines]
         if not self.owners.has_room(keys):
             reply_to(self._overloaded(request_id, "a SKU-location queue is full"))
             return
-        self._pending_rids[command.rid] = deque()
-        rid_decided = lambda: self._rid_decided(command.rid)  # noqa: E731
-        if len(keys) == 1:  # room was checked above
-            self.owners.send(keys[0], lambda: self._decide_unblocked(request_id, command, reply_to, rid_decided))
-            return
+        self._pending_rids[command.rid] = None
+        rid_decided = partial(self._rid_decided, command.rid)
 
-        def decide() -> None:
+        def decide_all() -> None:
             # The holds of this request are lifted now. It is decided first (it came first), then
             # whatever waited for those holds.
             self._decide_unblocked(request_id, command, reply_to, then=rid_decided)
             self._holds_lifted(keys)
 
-        lines = [((line.sku, line.loc), line.qty) for line in command.lines]
-        MultiLineHold(lines, self.tentative, self._available, decide).start(self.owners)
+        holds = [((line.sku, line.loc), line.qty) for line in lines]
+        MultiLineHold(holds, self.tentative, self._available, decide_all).start(self.owners)
+
+    def _reserve_one_line(self, request_id: int | None, command: Reserve, reply_to: ReplySink) -> None:
+        """In the owner of the line's SKU-location: decide (unless tentative holds are in the way)."""
+        if self.tentative:
+            self._decide_unblocked(request_id, command, reply_to, partial(self._rid_decided, command.rid))
+            return
+        self._decide(request_id, command, reply_to)
+        self._rid_decided(command.rid)
 
     def _available(self, key: StockKey) -> int:
         return self.state.stock(*key).available
@@ -277,3 +313,6 @@ class Engine:
 
 def _ignore_reply(reply: dict[str, Any]) -> None:
     pass
+
+
+_MUTATING = frozenset(MUTATING_COMMANDS)

@@ -9,9 +9,12 @@ always a prefix of what was applied, and no reply ever shows more than that pref
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections import deque
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import trio
 
@@ -20,6 +23,47 @@ from .outbox import Outbox
 from .storage import LmdbStorage
 
 log = logging.getLogger("engine.wal")
+
+
+class _CommitThread:
+    """One long-lived thread for the log's commits. Cheaper per commit than a pooled worker
+    thread (`trio.to_thread`), which names and hands over a thread for every call."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]] | None] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._work, name="wal-commit", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            call, report = job
+            try:
+                result, error = call(), None
+            except BaseException as caught:  # handed to the waiting task, raised there
+                result, error = None, caught
+            self._token.run_sync_soon(report, result, error)
+
+    async def run(self, call: Callable[[], Any]) -> Any:
+        """Run `call()` in the thread; return its result or raise its exception. Not
+        cancellable: a commit in flight finishes (or fails) before shutdown goes on."""
+        done = trio.Event()
+        outcome: list[Any] = []
+
+        def report(result: Any, error: BaseException | None) -> None:
+            outcome.extend((result, error))
+            done.set()
+
+        self._jobs.put((call, report))
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        result, error = outcome
+        if error is not None:
+            raise error
+        return result
+
+    def stop(self) -> None:
+        self._jobs.put(None)
 
 
 class WriteAheadLog:
@@ -87,6 +131,13 @@ class WriteAheadLog:
 
     async def run(self) -> None:
         """The writer loop. Runs until cancelled; on a failed commit it records why and stops."""
+        self._commit_thread = _CommitThread()
+        try:
+            await self._write_until_failed()
+        finally:
+            self._commit_thread.stop()
+
+    async def _write_until_failed(self) -> None:
         while True:
             await self._work.wait()
             self._work = trio.Event()
@@ -108,8 +159,7 @@ class WriteAheadLog:
         batch = [self._queue.popleft() for _ in range(count)]
         started = time.perf_counter()
         try:
-            # Not cancellable: a commit in flight finishes (or fails) before shutdown goes on.
-            await trio.to_thread.run_sync(self._storage.append, batch)
+            await self._commit_thread.run(partial(self._storage.append, batch))
         except Exception as error:  # StorageError, or a bug in a record: stop acknowledging
             self.failure = f"write-ahead log stopped at seq {self.durable_seq}: {error}"
             log.critical("%s; the server acknowledges nothing more and must be restarted", self.failure)

@@ -7,7 +7,7 @@ Validation is total: any map, whatever it holds, either becomes a command or rai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, NamedTuple, Union
 
 from . import _errors as errors
 from ._limits import (
@@ -26,8 +26,10 @@ from ._limits import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Line:
+class Line(NamedTuple):
+    """One line of a reservation or commit. A tuple `(sku, loc, qty)`: cheap to build for every
+    request, and the form the core keeps lines in."""
+
     sku: str
     loc: str
     qty: int
@@ -190,6 +192,9 @@ def _lines(msg: dict, field: str, request_id: int | None, qty_min: int, required
         raise _bad(request_id, f"field '{field}' must be a list of {{sku, loc, qty}}")
     if not 1 <= len(value) <= LINES_PER_RESERVATION_MAX:
         raise _bad(request_id, f"field '{field}' must hold 1 to {LINES_PER_RESERVATION_MAX} lines, got {len(value)}")
+    clean = _clean_lines(value, qty_min)
+    if clean is not None:
+        return clean
     lines = []
     seen = set()
     for index, item in enumerate(value):
@@ -206,6 +211,30 @@ def _lines(msg: dict, field: str, request_id: int | None, qty_min: int, required
             raise _bad(request_id, f"{where}: SKU-location ({sku!r}, {loc!r}) appears more than once")
         seen.add((sku, loc))
         lines.append(Line(sku, loc, qty))
+    return tuple(lines)
+
+
+# A string of at most this many characters is within NAME_BYTES_MAX UTF-8 bytes (4 bytes per
+# character at most), so the common short name needs no encoding to be measured.
+_NAME_CHARACTERS_SAFE = NAME_BYTES_MAX // 4
+
+
+def _clean_lines(items: list, qty_min: int) -> tuple[Line, ...] | None:
+    """The lines when every item is plainly valid (the common case, checked cheaply), else None:
+    the caller then validates item by item to name the first problem."""
+    lines = []
+    for item in items:
+        if type(item) is not dict:
+            return None
+        sku, loc, qty = item.get("sku"), item.get("loc"), item.get("qty")
+        if not (
+            type(sku) is str and type(loc) is str and type(qty) is int
+            and 0 < len(sku) <= _NAME_CHARACTERS_SAFE and 0 < len(loc) <= _NAME_CHARACTERS_SAFE and qty_min <= qty <= QTY_MAX
+        ):
+            return None
+        lines.append(Line(sku, loc, qty))
+    if len(lines) > 1 and len({(line.sku, line.loc) for line in lines}) != len(lines):
+        return None  # a repeated SKU-location: the detailed pass names it
     return tuple(lines)
 
 
@@ -311,7 +340,7 @@ def parse_request(msg: Any) -> tuple[int, Command]:
     if not isinstance(msg, dict):
         raise _bad(None, f"a request must be a msgpack map, got {type(msg).__name__}")
     for key in msg:
-        if not isinstance(key, str):
+        if type(key) is not str:
             raise _bad(read_request_id(msg), "request map keys must be strings")
     request_id = read_request_id(msg)
     if request_id is None:

@@ -7,7 +7,7 @@ the trio client all drive one of these with whatever I/O they have.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import msgpack
 
@@ -27,9 +27,8 @@ def _unpack_body(body: bytes) -> Any:
     return msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestReceived:
-    """A well-formed request."""
+class RequestReceived(NamedTuple):
+    """A well-formed request (a tuple: one is made for every request)."""
 
     request_id: int
     command: Command

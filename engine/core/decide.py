@@ -95,23 +95,28 @@ def _error(seq: int, code: str, message: str, **details: Any) -> Reply:
 
 
 def _reserve(context: _Context, command: Reserve) -> Reply:
-    lines = tuple((line.sku, line.loc, line.qty) for line in command.lines)
-    existing = context.state.reservations.get(command.rid)
+    lines = command.lines  # `Line`s are (sku, loc, qty) tuples
+    state = context.state
+    existing = state.reservations.get(command.rid)
     if existing is not None:
         if existing.fingerprint() != reserve_fingerprint(lines, command.ttl_ms, command.ref):
             return _error(existing.last_seq, codes.CONFLICT, f"rid {command.rid!r} was already used for a different reservation")
         return {**_reserve_reply(existing), "duplicate": True}
-    short = []
+    stocks = state.stocks
+    short = None
     for sku, loc, qty in lines:
-        available = context.available(sku, loc)
+        stock = stocks.get((sku, loc))
+        available = 0 if stock is None else stock.on_hand - stock.reserved
         if available < qty:
+            if short is None:
+                short = []
             short.append({"sku": sku, "loc": loc, "requested": qty, "available": available})
     if short:
         seq = context.stocks_seq((sku, loc) for sku, loc, _ in lines)
         return _error(seq, codes.INSUFFICIENT, f"{len(short)} of {len(lines)} lines cannot be held", lines=short)
     expires_at_ms = context.now_ms + command.ttl_ms if command.ttl_ms else None
     context.emit(RESERVED, rid=command.rid, lines=line_maps(lines), ttl_ms=command.ttl_ms, expires_at_ms=expires_at_ms, ref=command.ref)
-    return _reserve_reply(context.state.reservations[command.rid])
+    return _reserve_reply(state.reservations[command.rid])
 
 
 def _reserve_reply(reservation: Reservation) -> Reply:

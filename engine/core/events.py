@@ -74,38 +74,41 @@ def apply_event(state: State, event: Event) -> State:
 
 
 def _apply_reserved(state: State, event: Event) -> None:
-    rid = event["rid"]
-    assert rid not in state.reservations, f"event {event['seq']}: rid {rid!r} reserved twice"
+    rid, seq = event["rid"], event["seq"]
+    assert rid not in state.reservations, f"event {seq}: rid {rid!r} reserved twice"
     lines = line_tuples(event["lines"])
+    stocks = state.stocks
     granted = []
     for sku, loc, qty in lines:
-        stock = state.stock_for_update(sku, loc)
+        stock = stocks.get((sku, loc)) or state.stock_for_update(sku, loc)
         stock.reserved += qty
-        stock.last_seq = event["seq"]
-        granted.append(stock.available)
+        stock.last_seq = seq
+        granted.append(stock.on_hand - stock.reserved)
     state.reservations[rid] = Reservation(
-        rid=rid, lines=lines, ttl_ms=event["ttl_ms"], ref=event["ref"], expires_at_ms=event["expires_at_ms"],
-        created_at_ms=event["ts_ms"], granted_available=tuple(granted), last_seq=event["seq"],
+        rid, lines, event["ttl_ms"], event["ref"], event["expires_at_ms"], event["ts_ms"], tuple(granted), HELD, None, None, seq,
     )
 
 
 def _close(state: State, event: Event, new_state: str, committed: tuple | None) -> None:
+    seq = event["seq"]
     reservation = state.reservations[event["rid"]]
-    assert reservation.state == HELD, f"event {event['seq']}: {new_state} of a {reservation.state} reservation"
-    committed_qty = {(sku, loc): qty for sku, loc, qty in committed or ()}
+    assert reservation.state == HELD, f"event {seq}: {new_state} of a {reservation.state} reservation"
+    committed_qty = {(sku, loc): qty for sku, loc, qty in committed} if committed else None
+    stocks = state.stocks
     for sku, loc, qty in reservation.lines:
-        stock = state.stocks[(sku, loc)]
-        shipped = committed_qty.get((sku, loc), 0)
-        assert 0 <= shipped <= qty, f"event {event['seq']}: commits {shipped} of a {qty} hold"
+        stock = stocks[(sku, loc)]
         stock.reserved -= qty
-        stock.on_hand -= shipped
-        stock.last_seq = event["seq"]
-        assert stock.reserved >= 0, f"event {event['seq']}: reserved below zero at {(sku, loc)}"
-        assert stock.on_hand >= 0, f"event {event['seq']}: on_hand below zero at {(sku, loc)}"
+        stock.last_seq = seq
+        assert stock.reserved >= 0, f"event {seq}: reserved below zero at {(sku, loc)}"
+        if committed_qty is not None:
+            shipped = committed_qty.get((sku, loc), 0)
+            assert 0 <= shipped <= qty, f"event {seq}: commits {shipped} of a {qty} hold"
+            stock.on_hand -= shipped
+            assert stock.on_hand >= 0, f"event {seq}: on_hand below zero at {(sku, loc)}"
     reservation.state = new_state
     reservation.closed_at_ms = event["ts_ms"]
     reservation.committed = committed
-    reservation.last_seq = event["seq"]
+    reservation.last_seq = seq
 
 
 def _apply_released(state: State, event: Event) -> None:
