@@ -3,6 +3,13 @@
 `append(events)`, `read(from_seq, limit)`, `save_snapshot(snapshot)`, `latest_snapshot()` (plus
 `trim` and bookkeeping). Every call blocks (LMDB commits fsync): the shell runs them in a worker
 thread. Keep this interface small so a replicated log can implement it later.
+
+The log keeps one LMDB entry per `append` (a group commit): the key is the seq of its first
+event, the value a msgpack array of its events. py-lmdb releases the GIL around every put, and a
+thread that gives up the GIL waits for a busy event loop to hand it back (up to the switch
+interval) before the next put: an entry per event made a commit of 500 events take 25 ms. One
+put per commit costs one such wait. (An entry holding a single event map, as earlier versions
+wrote, still reads.)
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ def _pack(value: Any) -> bytes:
 
 def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+
+
+def _entry_events(data: bytes) -> list[Event]:
+    """The events of one log entry: a list (one commit), or one event map (older versions)."""
+    value = _unpack(data)
+    return value if isinstance(value, list) else [value]
 
 
 class StorageError(Exception):
@@ -71,7 +84,7 @@ class LmdbStorage:
         with self._env.begin(db=self._log) as txn:
             cursor = txn.cursor()
             if cursor.last():
-                return _SEQ.unpack(cursor.key())[0]
+                return _entry_events(cursor.value())[-1]["seq"]
         latest = self.latest_snapshot()
         return latest["seq"] if latest else 0
 
@@ -87,16 +100,15 @@ class LmdbStorage:
         """Write `events` (consecutive seqs following `last_seq`) in one durable transaction."""
         assert events
         expected = self._last_seq + 1
-        records = []
         for event in events:
             check_event(event)
             assert event["seq"] == expected, f"append of seq {event['seq']}, expected {expected}"
             expected += 1
-            records.append((_key(event["seq"]), _pack(event)))
+        data = _pack(events)
         try:
             with self._env.begin(write=True, db=self._log) as txn:
-                with txn.cursor() as cursor:
-                    cursor.putmulti(records, append=True)
+                if not txn.put(_key(events[0]["seq"]), data, append=True):
+                    raise StorageError(f"log entry {events[0]['seq']} exists already")
         except lmdb.Error as error:
             raise StorageError(f"write-ahead log commit failed: {type(error).__name__}: {error}") from error
         self._last_seq = events[-1]["seq"]
@@ -105,20 +117,31 @@ class LmdbStorage:
     def read(self, from_seq: int, limit: int, through_seq: int | None = None) -> list[Event]:
         """Up to `limit` events with `from_seq <= seq <= through_seq`, in seq order."""
         events: list[Event] = []
+        from_seq = max(from_seq, 1)
         with self._env.begin(db=self._log) as txn:
             cursor = txn.cursor()
-            if not cursor.set_range(_key(max(from_seq, 1))):
-                return events
+            # The entry holding `from_seq` starts at or before it.
+            if not cursor.set_range(_key(from_seq)):
+                if not cursor.last():
+                    return events
+            elif _SEQ.unpack(cursor.key())[0] > from_seq and not cursor.prev():
+                cursor.first()
             for key, value in cursor:
-                seq = _SEQ.unpack(key)[0]
-                if through_seq is not None and seq > through_seq:
+                entry_seq = _SEQ.unpack(key)[0]
+                if through_seq is not None and entry_seq > through_seq:
                     break
-                event = _unpack(value)
-                check_event(event)
-                assert event["seq"] == seq, f"record under key {seq} holds seq {event['seq']}"
-                events.append(event)
-                if len(events) >= limit:
-                    break
+                expected = entry_seq
+                for event in _entry_events(value):
+                    check_event(event)
+                    assert event["seq"] == expected, f"log entry {entry_seq} holds seq {event['seq']} where {expected} belongs"
+                    expected += 1
+                    if event["seq"] < from_seq:
+                        continue
+                    if through_seq is not None and event["seq"] > through_seq:
+                        return events
+                    events.append(event)
+                    if len(events) >= limit:
+                        return events
         return events
 
     def save_snapshot(self, snapshot: dict[str, Any], keep: int = 2) -> None:
@@ -152,21 +175,30 @@ class LmdbStorage:
 
     def trim(self, through_seq: int, before_ts_ms: int, limit: int) -> int:
         """Delete up to `limit` oldest records with seq <= through_seq and ts_ms < before_ts_ms.
-        Callers pass a snapshot's seq, so replay never needs what is deleted."""
+        Callers pass a snapshot's seq, so replay never needs what is deleted. An entry that is
+        only partly old is rewritten with the records it keeps."""
         deleted = 0
-        with self._env.begin(write=True, db=self._log) as txn:
-            cursor = txn.cursor()
-            if not cursor.first():
-                return 0
-            while deleted < limit:
-                seq = _SEQ.unpack(cursor.key())[0]
-                if seq > through_seq or _unpack(cursor.value())["ts_ms"] >= before_ts_ms:
-                    break
-                if not cursor.delete():  # moves to the next record
-                    break
-                deleted += 1
-                if cursor.key() == b"":
-                    break
+        try:
+            with self._env.begin(write=True, db=self._log) as txn:
+                cursor = txn.cursor()
+                while deleted < limit and cursor.first():
+                    events = _entry_events(cursor.value())
+                    keep = 0
+                    while keep < len(events) and deleted < limit:
+                        event = events[keep]
+                        if event["seq"] > through_seq or event["ts_ms"] >= before_ts_ms:
+                            break
+                        keep += 1
+                        deleted += 1
+                    if keep == 0:
+                        break
+                    cursor.delete()
+                    if keep < len(events):
+                        rest = events[keep:]
+                        txn.put(_key(rest[0]["seq"]), _pack(rest))
+                        break
+        except lmdb.Error as error:
+            raise StorageError(f"log trim failed: {type(error).__name__}: {error}") from error
         return deleted
 
     def stats(self) -> dict[str, int]:
