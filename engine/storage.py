@@ -98,21 +98,31 @@ class LmdbStorage:
 
     def append(self, events: list[Event]) -> int:
         """Write `events` (consecutive seqs following `last_seq`) in one durable transaction."""
+        return self.append_entry(events[0]["seq"], events[-1]["seq"], self.encode_entry(events))
+
+    def encode_entry(self, events: list[Event]) -> bytes:
+        """Check `events` (consecutive seqs following `last_seq`) and encode them as one log
+        entry. Pure CPU: the WAL does it on the event loop, so that the commit thread needs the
+        GIL as little as possible."""
         assert events
         expected = self._last_seq + 1
         for event in events:
             check_event(event)
             assert event["seq"] == expected, f"append of seq {event['seq']}, expected {expected}"
             expected += 1
-        data = _pack(events)
+        return _pack(events)
+
+    def append_entry(self, first_seq: int, last_seq: int, data: bytes) -> int:
+        """Write one entry made by `encode_entry` in one durable transaction."""
+        assert first_seq == self._last_seq + 1 and last_seq >= first_seq, f"entry {first_seq}..{last_seq} after {self._last_seq}"
         try:
             with self._env.begin(write=True, db=self._log) as txn:
-                if not txn.put(_key(events[0]["seq"]), data, append=True):
-                    raise StorageError(f"log entry {events[0]['seq']} exists already")
+                if not txn.put(_key(first_seq), data, append=True):
+                    raise StorageError(f"log entry {first_seq} exists already")
         except lmdb.Error as error:
             raise StorageError(f"write-ahead log commit failed: {type(error).__name__}: {error}") from error
-        self._last_seq = events[-1]["seq"]
-        return self._last_seq
+        self._last_seq = last_seq
+        return last_seq
 
     def read(self, from_seq: int, limit: int, through_seq: int | None = None) -> list[Event]:
         """Up to `limit` events with `from_seq <= seq <= through_seq`, in seq order."""

@@ -159,7 +159,8 @@ class WriteAheadLog:
         batch = [self._queue.popleft() for _ in range(count)]
         started = time.perf_counter()
         try:
-            await self._commit_thread.run(partial(self._storage.append, batch))
+            data = self._storage.encode_entry(batch)
+            await self._commit_thread.run(partial(self._storage.append_entry, batch[0]["seq"], batch[-1]["seq"], data))
         except Exception as error:  # StorageError, or a bug in a record: stop acknowledging
             self.failure = f"write-ahead log stopped at seq {self.durable_seq}: {error}"
             log.critical("%s; the server acknowledges nothing more and must be restarted", self.failure)

@@ -904,18 +904,18 @@ async def test_nothing_is_shown_before_it_is_durable(server, monkeypatch):
     """With every log commit slowed to 0.3 s, no reply and no pushed event may arrive while the
     change it reflects is still waiting for its fsync."""
     storage = server.engine.storage
-    original_append = storage.append
+    original_append = storage.append_entry
 
-    def slow_append(events):
-        time.sleep(0.3)  # runs in the log's worker thread
-        return original_append(events)
+    def slow_append(first_seq, last_seq, data):
+        time.sleep(0.3)  # runs in the log's commit thread
+        return original_append(first_seq, last_seq, data)
 
     with trio.fail_after(TIMEOUT):
         async with connect(server) as client, connect(server) as reader, connect(server) as watcher:
             await client.hello()
             await stock(client, "sku-slow", "loc-1", 10)
             await watcher.watch()
-            monkeypatch.setattr(storage, "append", slow_append)
+            monkeypatch.setattr(storage, "append_entry", slow_append)
             wal = server.engine.wal
             seen: list[tuple[str, int, int]] = []  # (what, its seq, durable_seq when it arrived)
 
@@ -957,16 +957,16 @@ async def test_nothing_is_shown_before_it_is_durable(server, monkeypatch):
 
 async def test_stats_shows_nothing_that_is_not_durable(server, monkeypatch):
     storage = server.engine.storage
-    original_append = storage.append
+    original_append = storage.append_entry
 
-    def slow_append(events):
+    def slow_append(first_seq, last_seq, data):
         time.sleep(0.3)
-        return original_append(events)
+        return original_append(first_seq, last_seq, data)
 
     with trio.fail_after(TIMEOUT):
         async with connect(server) as client, connect(server) as admin:
             await stock(client, "sku-st", "loc-1", 5)
-            monkeypatch.setattr(storage, "append", slow_append)
+            monkeypatch.setattr(storage, "append_entry", slow_append)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.reserve, "r-st", [("sku-st", "loc-1", 1)])
                 await trio.sleep(0.05)

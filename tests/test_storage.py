@@ -89,10 +89,10 @@ async def test_a_failed_commit_is_never_acknowledged(start_server, monkeypatch):
             before = await client.adjust("ok-1", "sku", "w", 5, "receipt")
             storage = server.engine.storage
 
-            def disk_full(events):
+            def disk_full(first_seq, last_seq, data):
                 raise StorageError("write-ahead log commit failed: No space left on device")
 
-            monkeypatch.setattr(storage, "append", disk_full)
+            monkeypatch.setattr(storage, "append_entry", disk_full)
             with pytest.raises(ServerError) as failed:
                 await client.adjust("lost-1", "sku", "w", 3, "receipt")
             assert failed.value.code == "internal"
@@ -113,11 +113,14 @@ class _SlowStorage:
         self.last_seq = 0
         self.snapshots: list[int] = []
 
-    def append(self, events):
+    def encode_entry(self, events):
+        return b""
+
+    def append_entry(self, first_seq, last_seq, data):
         import time
 
         time.sleep(0.02)
-        self.last_seq = events[-1]["seq"]
+        self.last_seq = last_seq
         return self.last_seq
 
     def save_snapshot(self, snapshot, keep):
