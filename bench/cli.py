@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting {name} ...", file=sys.stderr, flush=True)
         try:
             system = systems.start(name, baseline_revision=args.baseline, postgres_max_connections=postgres_max_connections)
-        except (systems.SystemMissing, OSError, RuntimeError, ConnectionError) as error:
+        except Exception as error:  # any failure to start: reported as missing, with the reason
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             print(f"{name}: missing ({reason})", file=sys.stderr, flush=True)
             output["systems"][name] = {"status": "missing", "reason": reason}

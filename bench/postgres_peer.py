@@ -158,13 +158,15 @@ class PostgresDriver:
         self.heads = {name: _bind_head(name, count) for name, count in
                       ((b"reserve1", 4), (b"reserveN", 4), (b"release1", 1), (b"close", 2), (b"adjust", 4), (b"get", 2))}
 
-    async def connect(self, host: str, port: int) -> trio.SocketStream:
+    async def connect(self, host: str, port: int, prepare: bool = True) -> trio.SocketStream:
+        """Open, start up, and (unless `prepare` is false: before the schema exists) Parse every statement."""
         stream = await trio.open_tcp_stream(host, port)
         try:
             await stream.send_all(startup_message())
             await self._until_ready(stream)
-            await stream.send_all(b"".join(parse_message(name, sql) for name, sql in STATEMENTS.items()) + message(b"S", b""))
-            await self._until_ready(stream)
+            if prepare:
+                await stream.send_all(b"".join(parse_message(name, sql) for name, sql in STATEMENTS.items()) + message(b"S", b""))
+                await self._until_ready(stream)
         except BaseException:
             await stream.aclose()
             raise

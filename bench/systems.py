@@ -375,7 +375,8 @@ async def prepare(system: RunningSystem) -> None:
         await call_pipelined(system, [], [lambda driver, token, body=body: driver.raw(token, "SCRIPT", "LOAD", body)
                                           for body in SCRIPTS.values()])
     elif system.kind == "postgres":
-        driver, stream = await _admin_connection(system, [])
+        driver = PostgresDriver([])
+        stream = await driver.connect(system.host, system.port, prepare=False)
         async with stream:
             await driver.execute(stream, SCHEMA)
 
