@@ -1,0 +1,8 @@
+"""Load tools for the reservation engine.
+
+`python -m bench` runs one load generator against the engine and its peers (a bare trio echo
+server, Redis with Lua scripts, PostgreSQL) and reports them side by side. The older scripts
+(`reserve_load.py`, `crash_torture.py`, `recovery_time.py`) still run as files.
+
+Bench code imports only the public `protocol` package, never `engine`; nothing imports `bench`.
+"""

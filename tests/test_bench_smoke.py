@@ -1,0 +1,67 @@
+"""`python -m bench`: a few-second engine-only run, and the generator's codec against `protocol`.
+
+No timing assertions: the machine may be busy. The peers (redis, postgres) are not needed here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+
+from bench.engine_driver import EngineDriver
+from bench.workloads import OK, REFUSED
+from protocol import ClientProtocol, pack
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _body(frame: bytes) -> dict:
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    return msgpack.unpackb(frame[4:], raw=False)
+
+
+def test_generator_codec_encodes_what_the_protocol_encodes():
+    keys = [("SKU-1", "DC-1"), ("SKU-2", "DC-2")]
+    driver = EngineDriver(keys)
+    reference = ClientProtocol()
+    cases = [
+        (driver.reserve("a", "r1", ((0, 3),), 0),
+         reference.request("reserve", rid="r1", lines=[{"sku": "SKU-1", "loc": "DC-1", "qty": 3}])),
+        (driver.reserve("b", "r2", ((0, 1), (1, 2)), 2000),
+         reference.request("reserve", rid="r2", lines=[{"sku": "SKU-1", "loc": "DC-1", "qty": 1},
+                                                       {"sku": "SKU-2", "loc": "DC-2", "qty": 2}], ttl_ms=2000)),
+        (driver.release("c", "r1", ()), reference.request("release", rid="r1")),
+        (driver.commit("d", "r2", ()), reference.request("commit", rid="r2")),
+        (driver.adjust("e", "k1", 1, 20), reference.request("adjust", key="k1", sku="SKU-2", loc="DC-2", delta=20, reason="receipt")),
+        (driver.get("f", 0), reference.request("get", sku="SKU-1", loc="DC-1")),
+    ]
+    for ours, (_, theirs) in cases:
+        assert _body(ours) == _body(theirs)
+    replies = pack({"id": 2, "ok": False, "error": "insufficient"}) + pack({"id": 1, "ok": True, "lines": []})
+    decoded = driver.feed(replies[:7]) + driver.feed(replies[7:])
+    assert [(token, status) for token, status, _ in decoded] == [("b", REFUSED), ("a", OK)]
+
+
+def test_engine_only_run_verifies_and_writes_json(tmp_path):
+    output = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--systems", "engine", "--workloads", "hot", "--modes", "pipelined",
+         "--seconds", "2", "--warmup-seconds", "0.3", "--connections", "8", "--depth", "4",
+         "--paced-fraction", "0", "--output", str(output), "--plot", ""],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "engine" in completed.stdout
+    result = json.loads(output.read_text())
+    (measurement,) = result["measurements"]
+    assert measurement["system"] == "engine"
+    assert measurement["requests"] > 0
+    assert measurement["verification"]["checked"]
+    assert measurement["verification"]["oversold_sku_locations"] == 0
+    assert measurement["verification"]["mismatched_sku_locations"] == 0
+    assert len(measurement["series"]) == 2
+    assert result["ok"] is True
