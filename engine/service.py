@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import trio
 
-from protocol import MUTATING_COMMANDS, Adjust, Commit, Count, Extend, Get, Lookup, Query, Release, Reserve, Transfer, codes, error_reply
+from protocol import MUTATING_COMMANDS, Adjust, AdjustBatch, Commit, Count, CountBatch, Extend, Get, Lookup, Query, Release, Reserve, Transfer, codes, error_reply
 
 from .actors import Router
 from .config import Config
@@ -93,7 +93,7 @@ class Engine:
             self._at_actor((command.sku, command.loc), request_id, command, reply_to)
         elif isinstance(command, Transfer):
             self._at_actor((command.sku, command.from_loc), request_id, command, reply_to)
-        elif isinstance(command, Query):
+        elif isinstance(command, (Query, AdjustBatch, CountBatch)):
             self._decide(request_id, command, reply_to)
         else:
             raise AssertionError(f"not a core command: {command!r}")
