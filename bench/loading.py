@@ -60,14 +60,26 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
+def memory_status_bytes(pid: int) -> dict[str, int]:
+    """The memory lines of `/proc/PID/status` (VmRSS, RssAnon, RssFile, ...) in bytes."""
+    figures = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            figures[name] = int(parts[0]) * 1024
+    return figures
+
+
 def resident_bytes(pid: int) -> int:
     """VmRSS of process `pid` (Linux `/proc/PID/status`), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            value, unit = line.split()[1:3]
-            assert unit == "kB", unit
-            return int(value) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return memory_status_bytes(pid)["VmRSS"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process `pid` has used so far (Linux `/proc/PID/stat`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sku_location(index: int, locations_per_sku: int) -> tuple[str, str]:
@@ -80,7 +92,8 @@ def on_hand_of(index: int) -> int:
     return 1 + (index * 7919) % 1000
 
 
-def _slices(total: int, parts: int) -> Iterator[range]:
+def slices(total: int, parts: int) -> Iterator[range]:
+    """`range(total)` cut into `parts` consecutive slices (one per connection)."""
     step = -(-total // parts)
     for start in range(0, total, step):
         yield range(start, min(total, start + step))
@@ -136,7 +149,7 @@ async def load_singles(port: int, total: int, locations_per_sku: int, connection
         await _pipelined(port, frames(), codec, depth, _check)
 
     async with trio.open_nursery() as nursery:
-        for indices in _slices(total, connections):
+        for indices in slices(total, connections):
             nursery.start_soon(connection, indices)
 
 
@@ -157,7 +170,7 @@ async def load_batches(port: int, total: int, locations_per_sku: int, connection
         await _pipelined(port, frames(), codec, depth, _check)
 
     async with trio.open_nursery() as nursery:
-        for indices in _slices(total, connections):
+        for indices in slices(total, connections):
             nursery.start_soon(connection, indices)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from loading import ROOT, load_batches, load_singles, python_version, resident_bytes, settle_seconds, start_server, stop_server
+from loading import ROOT, load_batches, slices, load_singles, python_version, memory_status_bytes, resident_bytes, settle_seconds, start_server, stop_server
 from protocol import Client
 
 MIB = 1024**2
@@ -63,10 +63,12 @@ def main() -> int:
                 load_seconds = time.perf_counter() - started
                 loaded_rss_bytes = resident_bytes(process.pid)
                 settled_rss_bytes = settle_seconds(process.pid, args.settle_seconds)
+                status = memory_status_bytes(process.pid)
                 stats = admin.stats()
         finally:
             stop_server(process)
-    expected_keys = -(-total // args.lines_per_batch) if args.batch else total
+    # Each connection loads its own slice in batches, so a slice's last batch may be short.
+    expected_keys = sum(-(-len(indices) // args.lines_per_batch) for indices in slices(total, args.connections)) if args.batch else total
     result = {
         "sku_locations": total,
         "locations_per_sku": args.locations_per_sku,
@@ -81,6 +83,9 @@ def main() -> int:
         "idle_rss_mib": round(idle_rss_bytes / MIB, 1),
         "loaded_rss_mib": round(loaded_rss_bytes / MIB, 1),
         "rss_mib": round(settled_rss_bytes / MIB, 1),
+        "rss_anon_mib": round(status["RssAnon"] / MIB, 1),
+        "rss_file_mib": round(status["RssFile"] / MIB, 1),
+        "peak_rss_mib": round(status["VmHWM"] / MIB, 1),
         "bytes_per_sku_location": round(settled_rss_bytes / total),
         "bytes_per_sku_location_above_idle": round((settled_rss_bytes - idle_rss_bytes) / total),
         "server_root": args.root,
