@@ -111,14 +111,25 @@ class KeyRecord(NamedTuple):
 
     def pack(self) -> bytes:
         # int64 figures: on_hand grows by at most 2^31 per change, so this bound is never near.
-        return _KEY_RECORD_HEAD.pack(self.fingerprint, self.at_ms, self.last_seq) + struct.pack(f"<{len(self.figures)}q", *self.figures)
+        return _key_record_struct(len(self.figures)).pack(self.fingerprint, self.at_ms, self.last_seq, *self.figures)
 
     @classmethod
     def unpack(cls, data: bytes) -> "KeyRecord":
         """The record packed in `data`."""
-        fingerprint_bytes, at_ms, last_seq = _KEY_RECORD_HEAD.unpack_from(data)
-        count = (len(data) - _KEY_RECORD_HEAD.size) // 8
-        return cls(fingerprint_bytes, at_ms, last_seq, struct.unpack_from(f"<{count}q", data, _KEY_RECORD_HEAD.size))
+        fingerprint_bytes, at_ms, last_seq, *figures = _key_record_struct((len(data) - _KEY_RECORD_HEAD.size) // 8).unpack(data)
+        return cls(fingerprint_bytes, at_ms, last_seq, tuple(figures))
+
+
+_KEY_RECORD_STRUCTS: dict[int, struct.Struct] = {}
+
+
+def _key_record_struct(figure_count: int) -> struct.Struct:
+    # One compiled layout per figure count: 2 and 4 for single ops, 2 per line for batches, so
+    # at most LINES_PER_BATCH_MAX + 1 layouts (a few hundred bytes each).
+    layout = _KEY_RECORD_STRUCTS.get(figure_count)
+    if layout is None:
+        layout = _KEY_RECORD_STRUCTS[figure_count] = struct.Struct(f"<16sqq{figure_count}q")
+    return layout
 
 
 def packed_key_at_ms(data: bytes) -> int:
