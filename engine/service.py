@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import trio
 
-from protocol import MUTATING_COMMANDS, Adjust, Commit, Count, Extend, Get, Lookup, Query, Release, Reserve, Transfer, codes, error_reply
+from protocol import MUTATING_COMMANDS, Adjust, AdjustBatch, Commit, Count, CountBatch, Extend, Get, Lookup, Query, Release, Reserve, Transfer, codes, error_reply
 
 from .config import Config
 from .coordinator import MultiLineHold
@@ -83,6 +83,9 @@ class Engine:
             Count: self._route_to_stock,
             Transfer: self._route_transfer,
             Query: self._decide,
+            # A batch touches SKU-locations of many owners: decided at once, in this step.
+            AdjustBatch: self._decide,
+            CountBatch: self._decide,
         }
         self.expiry = ExpiryScheduler(clock_ms, self._expire)
         self.requests = Counter()

@@ -13,6 +13,7 @@ from . import _errors as errors
 from ._limits import (
     CLIENT_NAME_BYTES_MAX,
     DELTA_MAX,
+    LINES_PER_BATCH_MAX,
     LINES_PER_RESERVATION_MAX,
     NAME_BYTES_MAX,
     ON_HAND_MAX,
@@ -90,6 +91,29 @@ class Count:
     reason: str | None = None
 
 
+StockLine = tuple[str, str, int]
+"""A line of a batch: `(sku, loc, on_hand)` in a `CountBatch`, `(sku, loc, delta)` in an `AdjustBatch`.
+Plain tuples, not dataclasses: a batch holds thousands and they are built per request."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdjustBatch:
+    """`adjust` with `lines` of `{sku, loc, delta}`: all lines or none, under one `key`."""
+
+    key: str
+    lines: tuple[StockLine, ...]  # (sku, loc, delta), each SKU-location at most once
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CountBatch:
+    """`count` with `lines` of `{sku, loc, on_hand}`: all lines, under one `key`."""
+
+    key: str
+    lines: tuple[StockLine, ...]  # (sku, loc, on_hand), each SKU-location at most once
+    reason: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Transfer:
     key: str
@@ -131,11 +155,11 @@ class Stats:
 
 
 Command = Union[
-    Hello, Ping, Reserve, Release, Commit, Extend, Adjust, Count, Transfer,
+    Hello, Ping, Reserve, Release, Commit, Extend, Adjust, AdjustBatch, Count, CountBatch, Transfer,
     Get, Query, Lookup, Watch, Snapshot, Stats,
 ]
 
-MUTATING_COMMANDS = (Reserve, Release, Commit, Extend, Adjust, Count, Transfer)
+MUTATING_COMMANDS = (Reserve, Release, Commit, Extend, Adjust, AdjustBatch, Count, CountBatch, Transfer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +262,55 @@ def _clean_lines(items: list, qty_min: int) -> tuple[Line, ...] | None:
     return tuple(lines)
 
 
+def _batch_lines(msg: dict, request_id: int | None, figure: str, low: int, high: int, non_zero: bool) -> tuple[StockLine, ...]:
+    """`lines` of a batch: 1 to LINES_PER_BATCH_MAX maps `{sku, loc, <figure>}`, each SKU-location
+    at most once. Every line is checked on a fast path; a line that fails it is re-read by the
+    ordinary field readers, which name what is wrong."""
+    value = msg["lines"]
+    if not isinstance(value, (list, tuple)):
+        raise _bad(request_id, f"field 'lines' must be a list of {{sku, loc, {figure}}}")
+    if not 1 <= len(value) <= LINES_PER_BATCH_MAX:
+        raise _bad(request_id, f"field 'lines' must hold 1 to {LINES_PER_BATCH_MAX} lines, got {len(value)}")
+    lines = []
+    seen = set()
+    for index, item in enumerate(value):
+        if type(item) is not dict:
+            raise _bad(request_id, f"lines[{index}] must be a map {{sku, loc, {figure}}}")
+        sku = item.get("sku")
+        loc = item.get("loc")
+        number = item.get(figure)
+        if not (
+            type(sku) is str and 0 < len(sku) <= _NAME_CHARACTERS_SAFE
+            and type(loc) is str and 0 < len(loc) <= _NAME_CHARACTERS_SAFE
+            and type(number) is int and low <= number <= high and (number != 0 or not non_zero)
+        ):
+            try:
+                sku = _name(item, "sku", request_id)
+                loc = _name(item, "loc", request_id)
+                number = _integer(item, figure, request_id, low, high)
+            except errors.RequestError as error:
+                raise _bad(request_id, f"lines[{index}]: {error.message}") from None
+            if non_zero and number == 0:
+                raise _bad(request_id, f"lines[{index}]: field '{figure}' must be non-zero")
+        stock = (sku, loc)
+        if stock in seen:
+            raise _bad(request_id, f"lines[{index}]: SKU-location ({sku!r}, {loc!r}) appears more than once")
+        seen.add(stock)
+        lines.append((sku, loc, number))
+    return tuple(lines)
+
+
+def _one_form(msg: dict, request_id: int | None, single_fields: tuple[str, ...]) -> bool:
+    """True for the batch form (`lines`), False for the single form; both at once is bad_request."""
+    if msg.get("lines") is None:
+        return False
+    present = [field for field in single_fields if msg.get(field) is not None]
+    if present:
+        named = ", ".join(f"'{field}'" for field in present)
+        raise _bad(request_id, f"a request with 'lines' is a batch: it cannot also have {named}; send one form or the other")
+    return True
+
+
 def _name(msg: dict, field: str, request_id: int | None) -> str:
     value = _string(msg, field, request_id, NAME_BYTES_MAX)
     assert value is not None
@@ -271,7 +344,13 @@ def _commit(msg: dict, rid: int | None) -> Commit:
     return Commit(rid=_name(msg, "rid", rid), lines=_lines(msg, "lines", rid, qty_min=0, required=False))
 
 
-def _adjust(msg: dict, rid: int | None) -> Adjust:
+def _adjust(msg: dict, rid: int | None) -> Adjust | AdjustBatch:
+    if _one_form(msg, rid, ("sku", "loc", "delta")):
+        return AdjustBatch(
+            key=_name(msg, "key", rid),
+            lines=_batch_lines(msg, rid, "delta", -DELTA_MAX, DELTA_MAX, non_zero=True),
+            reason=_string(msg, "reason", rid, REASON_BYTES_MAX),
+        )
     delta = _integer(msg, "delta", rid, -DELTA_MAX, DELTA_MAX)
     if delta == 0:
         raise _bad(rid, "field 'delta' must be non-zero")
@@ -284,7 +363,13 @@ def _adjust(msg: dict, rid: int | None) -> Adjust:
     )
 
 
-def _count(msg: dict, rid: int | None) -> Count:
+def _count(msg: dict, rid: int | None) -> Count | CountBatch:
+    if _one_form(msg, rid, ("sku", "loc", "on_hand")):
+        return CountBatch(
+            key=_name(msg, "key", rid),
+            lines=_batch_lines(msg, rid, "on_hand", 0, ON_HAND_MAX, non_zero=False),
+            reason=_string(msg, "reason", rid, REASON_BYTES_MAX, required=False),
+        )
     return Count(
         key=_name(msg, "key", rid),
         sku=_name(msg, "sku", rid),

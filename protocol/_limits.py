@@ -20,6 +20,15 @@ CLIENT_NAME_BYTES_MAX = 128
 TOKEN_BYTES_MAX = 1024
 
 LINES_PER_RESERVATION_MAX = 100
+# Lines of one batch `count` or `adjust` (`lines` instead of `sku`/`loc`). Bound by the reply: a
+# batch reply lists every line with its figures, and must fit in the contract's default frame
+# (1 MiB) whatever the names are. Its worst line is 341 bytes of msgpack (128-byte `sku` and
+# `loc`, the field names, four integers of 9 bytes), and 3,000 x 341 = 1,023,000 bytes leaves
+# room for the envelope (tests/test_batch.py packs that worst reply). It also bounds the work of
+# one step of the event loop (a few ms per 1,000 lines) and one log record (~1 MB at worst).
+# 1M SKU-locations are 334 batches.
+LINES_PER_BATCH_MAX = 3_000
+
 QTY_MAX = 2**31 - 1
 # Adjustments and counts use the same magnitude bound as line quantities, so that on_hand
 # stays far from int64 overflow for any realistic number of changes.

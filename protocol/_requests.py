@@ -87,6 +87,32 @@ def count_request(key: str, sku: str, loc: str, on_hand: int, reason: str | None
     return "count", _present(key=key, sku=sku, loc=loc, on_hand=on_hand, reason=reason)
 
 
+StockLineLike = Union[Mapping[str, Any], tuple[str, str, int]]
+"""A batch line: a `{sku, loc, on_hand}` / `{sku, loc, delta}` map, or a `(sku, loc, figure)` tuple."""
+
+
+def stock_line_maps(lines: Iterable[StockLineLike], figure: str) -> list[dict[str, Any]]:
+    """Normalise batch lines to the wire's `{sku, loc, <figure>}` maps (tuples are converted)."""
+    maps = []
+    for line in lines:
+        if isinstance(line, Mapping):
+            maps.append(dict(line))
+        else:
+            sku, loc, number = line
+            maps.append({"sku": sku, "loc": loc, figure: number})
+    return maps
+
+
+def count_many_request(key: str, lines: Iterable[StockLineLike], reason: str | None = None) -> Request:
+    """`count` with `lines` (`{sku, loc, on_hand}`): every line under one `key`, one log record."""
+    return "count", _present(key=key, lines=stock_line_maps(lines, "on_hand"), reason=reason)
+
+
+def adjust_many_request(key: str, lines: Iterable[StockLineLike], reason: str) -> Request:
+    """`adjust` with `lines` (`{sku, loc, delta}`): every line or none, under one `key`."""
+    return "adjust", {"key": key, "lines": stock_line_maps(lines, "delta"), "reason": reason}
+
+
 def transfer_request(key: str, sku: str, from_loc: str, to_loc: str, qty: int) -> Request:
     """`transfer`: move `qty` on hand between locations (wire fields `from` and `to`)."""
     return "transfer", {"key": key, "sku": sku, "from": from_loc, "to": to_loc, "qty": qty}
@@ -176,6 +202,14 @@ class RequestMethods(Generic[ReplyT]):
     def count(self, key: str, sku: str, loc: str, on_hand: int, reason: str | None = None) -> ReplyT:
         """`count`; the reply has the stock figures and the `variance`."""
         return self._call_request(count_request(key, sku, loc, on_hand, reason))
+
+    def count_many(self, key: str, lines: Iterable[StockLineLike], reason: str | None = None) -> ReplyT:
+        """Batch `count`; the reply's `lines` have each line's stock figures and `variance`."""
+        return self._call_request(count_many_request(key, lines, reason))
+
+    def adjust_many(self, key: str, lines: Iterable[StockLineLike], reason: str) -> ReplyT:
+        """Batch `adjust` (all lines or none); the reply's `lines` have each line's stock figures."""
+        return self._call_request(adjust_many_request(key, lines, reason))
 
     def transfer(self, key: str, sku: str, from_loc: str, to_loc: str, qty: int) -> ReplyT:
         """`transfer`; the reply has `from` and `to`, each with its stock figures."""

@@ -26,7 +26,7 @@ from engine.core import (
     check_invariants,
     held_by_stock,
 )
-from protocol import Adjust, Commit, Count, Extend, Get, Line, Lookup, Query, Release, Reserve, Transfer
+from protocol import Adjust, AdjustBatch, Commit, Count, CountBatch, Extend, Get, Line, Lookup, Query, Release, Reserve, Transfer
 
 SKUS = ("A", "B")
 LOCS = ("X", "Y", "Z")
@@ -43,6 +43,10 @@ qtys = st.integers(1, 20)
 ttls = st.sampled_from([0, 0, 50, 200, 1_000])
 refs = st.sampled_from([None, "order-1", "order-2"])
 lines_strategy = st.lists(st.tuples(stock_keys, qtys), min_size=1, max_size=3, unique_by=lambda item: item[0])
+count_lines = st.lists(st.tuples(stock_keys, st.integers(0, 20)), min_size=1, max_size=4, unique_by=lambda item: item[0])
+adjust_lines = st.lists(
+    st.tuples(stock_keys, st.integers(-20, -1) | st.integers(1, 20)), min_size=1, max_size=4, unique_by=lambda item: item[0],
+)
 
 HELD, COMMITTED, RELEASED, EXPIRED = "held", "committed", "released", "expired"
 
@@ -164,7 +168,7 @@ class CoreMachine(RuleBasedStateMachine):
         outcome = reply.get("error") or ("duplicate" if reply.get("duplicate") else "ok")
         note(f"{type(command).__name__}: {outcome}{' after expiry' if 'expired' in expected_types else ''}")
         # No oversell: available drops below zero only through adjust/count.
-        if not isinstance(command, (Adjust, Count)):
+        if not isinstance(command, (Adjust, Count, AdjustBatch, CountBatch)):
             for key in STOCKS:
                 after = self.state.stock(*key).available
                 if after < before[key]:
@@ -182,6 +186,10 @@ class CoreMachine(RuleBasedStateMachine):
         elif kind in ("adjusted", "counted"):
             self.key_seq[event["key"]] = seq
             self.stock_seq[(event["sku"], event["loc"])] = seq
+        elif kind in ("adjusted_batch", "counted_batch"):
+            self.key_seq[event["key"]] = seq
+            for line in event["lines"]:
+                self.stock_seq[(line["sku"], line["loc"])] = seq
         elif kind == "transferred":
             self.key_seq[event["key"]] = seq
             self.stock_seq[(event["sku"], event["from"])] = seq
@@ -506,6 +514,51 @@ class CoreMachine(RuleBasedStateMachine):
         assert reply == expected, (command, reply, expected)
         assert self.state.stock(*source).available >= 0
 
+    def do_count_batch(self, command: CountBatch):
+        # A batch's payload is its lines in order (and the reason).
+        fingerprint = ("count_batch", command.lines, command.reason)
+        if self.known_key(command, command.key, fingerprint):
+            return
+        lines = []
+        for sku, loc, on_hand in command.lines:
+            variance = on_hand - self.on_hand.get((sku, loc), 0)
+            self.on_hand[(sku, loc)] = on_hand
+            lines.append({"sku": sku, "loc": loc, **self.figures((sku, loc)), "variance": variance})
+        expected = {"ok": True, "lines": lines}
+        self.remember(command, command.key, fingerprint, expected)
+        reply = self.execute(command, ["counted_batch"])
+        assert reply == expected, (command, reply, expected)
+
+    def do_adjust_batch(self, command: AdjustBatch):
+        fingerprint = ("adjust_batch", command.lines, command.reason)
+        if self.known_key(command, command.key, fingerprint):
+            return
+        refused = [
+            {"line": index, "sku": sku, "loc": loc, "delta": delta, "on_hand": self.on_hand.get((sku, loc), 0)}
+            for index, (sku, loc, delta) in enumerate(command.lines) if self.on_hand.get((sku, loc), 0) + delta < 0
+        ]
+        if refused:
+            at_least = self.stocks_seq((line["sku"], line["loc"]) for line in refused)
+            reply = self.execute(command, [], at_least=at_least)
+            assert reply == {"ok": False, "error": "invalid", "lines": refused}, (command, reply)
+            return
+        lines = []
+        for sku, loc, delta in command.lines:
+            self.on_hand[(sku, loc)] = self.on_hand.get((sku, loc), 0) + delta
+            lines.append({"sku": sku, "loc": loc, **self.figures((sku, loc))})
+        expected = {"ok": True, "lines": lines}
+        self.remember(command, command.key, fingerprint, expected)
+        reply = self.execute(command, ["adjusted_batch"])
+        assert reply == expected, (command, reply, expected)
+
+    @rule(key=keys, lines=count_lines, reason=st.sampled_from([None, "initial"]))
+    def count_batch(self, key, lines, reason):
+        self.do_count_batch(CountBatch(key, tuple((sku, loc, on_hand) for (sku, loc), on_hand in lines), reason))
+
+    @rule(key=keys, lines=adjust_lines, reason=st.sampled_from(["receipt", "damage"]))
+    def adjust_batch(self, key, lines, reason):
+        self.do_adjust_batch(AdjustBatch(key, tuple((sku, loc, delta) for (sku, loc), delta in lines), reason))
+
     @rule(key=keys, stock=stock_keys, delta=st.integers(-20, -1) | st.integers(1, 20), reason=st.sampled_from(["receipt", "damage"]))
     def adjust(self, key, stock, delta, reason):
         self.do_adjust(Adjust(key, *stock, delta, reason))
@@ -529,7 +582,11 @@ class CoreMachine(RuleBasedStateMachine):
             return
         key = data.draw(st.sampled_from(sorted(self.granted_keyed)))
         command = self.granted_keyed[key]
-        {Adjust: self.do_adjust, Count: self.do_count, Transfer: self.do_transfer}[type(command)](command)
+        run = {
+            Adjust: self.do_adjust, Count: self.do_count, Transfer: self.do_transfer,
+            AdjustBatch: self.do_adjust_batch, CountBatch: self.do_count_batch,
+        }[type(command)]
+        run(command)
 
     # -- reads ----------------------------------------------------------------------------------
 

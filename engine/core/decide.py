@@ -10,26 +10,31 @@ requests never reach the core (a request they would block waits in the shell ins
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from itertools import islice
+from typing import Any, Callable
 
 from protocol import codes
-from protocol import Adjust, Commit, Count, Extend, Get, Lookup, Query, Release, Reserve, Transfer
+from protocol import Adjust, AdjustBatch, Commit, Count, CountBatch, Extend, Get, Lookup, Query, Release, Reserve, Transfer
 
 from .events import (
     ADJUSTED,
+    ADJUSTED_BATCH,
     COUNTED,
+    COUNTED_BATCH,
     EXTENDED,
     FORGOTTEN,
     RESERVED,
     TRANSFERRED,
     Event,
+    adjust_batch_fingerprint,
     adjust_fingerprint,
     apply_event,
+    count_batch_fingerprint,
     count_fingerprint,
     line_maps,
     transfer_fingerprint,
 )
-from .state import COMMITTED, EXPIRED, HELD, RELEASED, Reservation, State, reserve_fingerprint
+from .state import COMMITTED, EXPIRED, HELD, RELEASED, ZERO_STOCK, KeyRecord, Reservation, State, packed_key_at_ms, reserve_fingerprint
 
 Reply = dict[str, Any]
 
@@ -231,7 +236,10 @@ def _forget(context: _Context, command: Forget) -> Reply:
         r.rid for r in context.state.reservations.values()
         if r.state != HELD and r.closed_at_ms is not None and r.closed_at_ms < command.closed_before_ms
     ][: command.limit]
-    keys = [k.key for k in context.state.keys.values() if k.at_ms < command.closed_before_ms][: command.limit]
+    keys = list(islice(
+        (key for key, packed in context.state.keys.items() if packed_key_at_ms(packed) < command.closed_before_ms),
+        command.limit,
+    ))
     if rids or keys:
         context.emit(FORGOTTEN, rids=rids, keys=keys)
     return _ok(context.state.seq, rids=len(rids), keys=len(keys))
@@ -240,40 +248,130 @@ def _forget(context: _Context, command: Forget) -> Reply:
 # -- stock -----------------------------------------------------------------------------------
 
 
-def _known_key(context: _Context, key: str, fingerprint: tuple) -> Reply | None:
-    """The original reply for a retried key, `conflict` for a reused one, None for a new one."""
-    record = context.state.keys.get(key)
-    if record is None:
-        return None
-    if record.fingerprint != fingerprint:
+def _retried(key: str, record: KeyRecord, payload_fingerprint: bytes, reply_fields: Callable[[tuple[int, ...]], dict[str, Any]]) -> Reply:
+    """A request under a used key: the original reply again (rebuilt from the retry's fields and
+    the remembered figures) if the payload is the same, else `conflict`."""
+    if record.fingerprint != payload_fingerprint:
         return _error(record.last_seq, codes.CONFLICT, f"key {key!r} was already used for a different request")
-    return _ok(record.last_seq, **record.reply, duplicate=True)
+    return _ok(record.last_seq, **reply_fields(record.figures), duplicate=True)
+
+
+def _applied(context: _Context, key: str, reply_fields: Callable[[tuple[int, ...]], dict[str, Any]]) -> Reply:
+    """The reply to a keyed request just applied: built from its key record, as a retry's is."""
+    record = context.state.key_record(key)
+    assert record is not None and record.last_seq == context.state.seq
+    return _ok(context.state.seq, **reply_fields(record.figures))
+
+
+def _adjust_reply(command: Adjust) -> Callable[[tuple[int, ...]], dict[str, Any]]:
+    def fields(figures: tuple[int, ...]) -> dict[str, Any]:
+        on_hand, reserved = figures
+        return {"sku": command.sku, "loc": command.loc, "on_hand": on_hand, "reserved": reserved, "available": on_hand - reserved}
+    return fields
+
+
+def _count_reply(command: Count) -> Callable[[tuple[int, ...]], dict[str, Any]]:
+    def fields(figures: tuple[int, ...]) -> dict[str, Any]:
+        reserved, variance = figures
+        on_hand = command.on_hand
+        return {"sku": command.sku, "loc": command.loc, "on_hand": on_hand, "reserved": reserved, "available": on_hand - reserved, "variance": variance}
+    return fields
+
+
+def _transfer_reply(command: Transfer) -> Callable[[tuple[int, ...]], dict[str, Any]]:
+    def fields(figures: tuple[int, ...]) -> dict[str, Any]:
+        source_on_hand, source_reserved, target_on_hand, target_reserved = figures
+        return {
+            "from": {"loc": command.from_loc, "on_hand": source_on_hand, "reserved": source_reserved, "available": source_on_hand - source_reserved},
+            "to": {"loc": command.to_loc, "on_hand": target_on_hand, "reserved": target_reserved, "available": target_on_hand - target_reserved},
+        }
+    return fields
+
+
+def _adjust_batch_reply(command: AdjustBatch) -> Callable[[tuple[int, ...]], dict[str, Any]]:
+    def fields(figures: tuple[int, ...]) -> dict[str, Any]:
+        lines = [
+            {"sku": sku, "loc": loc, "on_hand": on_hand, "reserved": reserved, "available": on_hand - reserved}
+            for (sku, loc, _), on_hand, reserved in zip(command.lines, figures[0::2], figures[1::2])
+        ]
+        return {"lines": lines}
+    return fields
+
+
+def _count_batch_reply(command: CountBatch) -> Callable[[tuple[int, ...]], dict[str, Any]]:
+    def fields(figures: tuple[int, ...]) -> dict[str, Any]:
+        lines = [
+            {"sku": sku, "loc": loc, "on_hand": on_hand, "reserved": reserved, "available": on_hand - reserved, "variance": variance}
+            for (sku, loc, on_hand), reserved, variance in zip(command.lines, figures[0::2], figures[1::2])
+        ]
+        return {"lines": lines}
+    return fields
 
 
 def _adjust(context: _Context, command: Adjust) -> Reply:
-    known = _known_key(context, command.key, adjust_fingerprint(command.sku, command.loc, command.delta, command.reason))
-    if known is not None:
-        return known
+    record = context.state.key_record(command.key)
+    if record is not None:
+        payload = adjust_fingerprint(command.sku, command.loc, command.delta, command.reason)
+        return _retried(command.key, record, payload, _adjust_reply(command))
     stock = context.state.stock(command.sku, command.loc)
     if stock.on_hand + command.delta < 0:
         return _error(stock.last_seq, codes.INVALID, f"adjust by {command.delta} would make on_hand negative (on_hand is {stock.on_hand})")
     context.emit(ADJUSTED, key=command.key, sku=command.sku, loc=command.loc, delta=command.delta, reason=command.reason)
-    return _ok(context.state.seq, **context.state.keys[command.key].reply)
+    return _applied(context, command.key, _adjust_reply(command))
 
 
 def _count(context: _Context, command: Count) -> Reply:
-    known = _known_key(context, command.key, count_fingerprint(command.sku, command.loc, command.on_hand, command.reason))
-    if known is not None:
-        return known
+    record = context.state.key_record(command.key)
+    if record is not None:
+        payload = count_fingerprint(command.sku, command.loc, command.on_hand, command.reason)
+        return _retried(command.key, record, payload, _count_reply(command))
     variance = command.on_hand - context.state.stock(command.sku, command.loc).on_hand
     context.emit(COUNTED, key=command.key, sku=command.sku, loc=command.loc, on_hand=command.on_hand, variance=variance, reason=command.reason)
-    return _ok(context.state.seq, **context.state.keys[command.key].reply)
+    return _applied(context, command.key, _count_reply(command))
+
+
+def _adjust_batch(context: _Context, command: AdjustBatch) -> Reply:
+    """All lines or none: one line that would make on_hand negative refuses the whole batch."""
+    record = context.state.key_record(command.key)
+    if record is not None:
+        return _retried(command.key, record, adjust_batch_fingerprint(command.lines, command.reason), _adjust_batch_reply(command))
+    stocks = context.state.stocks
+    refused = []
+    for index, (sku, loc, delta) in enumerate(command.lines):
+        stock = stocks.get((sku, loc), ZERO_STOCK)
+        if stock.on_hand + delta < 0:
+            refused.append((index, sku, loc, delta, stock))
+    if refused:
+        index, sku, loc, delta, stock = refused[0]
+        others = f" (and {len(refused) - 1} more lines)" if len(refused) > 1 else ""
+        return _error(
+            max(stock.last_seq for *_, stock in refused), codes.INVALID,
+            f"lines[{index}] ({sku!r}, {loc!r}): adjust by {delta} would make on_hand negative (on_hand is {stock.on_hand}){others}; nothing was applied",
+            lines=[{"line": index, "sku": sku, "loc": loc, "delta": delta, "on_hand": stock.on_hand} for index, sku, loc, delta, stock in refused],
+        )
+    lines = [{"sku": sku, "loc": loc, "delta": delta} for sku, loc, delta in command.lines]
+    context.emit(ADJUSTED_BATCH, key=command.key, lines=lines, reason=command.reason)
+    return _applied(context, command.key, _adjust_batch_reply(command))
+
+
+def _count_batch(context: _Context, command: CountBatch) -> Reply:
+    record = context.state.key_record(command.key)
+    if record is not None:
+        return _retried(command.key, record, count_batch_fingerprint(command.lines, command.reason), _count_batch_reply(command))
+    stocks = context.state.stocks
+    lines = [
+        {"sku": sku, "loc": loc, "on_hand": on_hand, "variance": on_hand - stocks.get((sku, loc), ZERO_STOCK).on_hand}
+        for sku, loc, on_hand in command.lines
+    ]
+    context.emit(COUNTED_BATCH, key=command.key, lines=lines, reason=command.reason)
+    return _applied(context, command.key, _count_batch_reply(command))
 
 
 def _transfer(context: _Context, command: Transfer) -> Reply:
-    known = _known_key(context, command.key, transfer_fingerprint(command.sku, command.from_loc, command.to_loc, command.qty))
-    if known is not None:
-        return known
+    record = context.state.key_record(command.key)
+    if record is not None:
+        payload = transfer_fingerprint(command.sku, command.from_loc, command.to_loc, command.qty)
+        return _retried(command.key, record, payload, _transfer_reply(command))
     if command.from_loc == command.to_loc:
         return _error(0, codes.INVALID, "transfer needs two different locations")
     available = context.available(command.sku, command.from_loc)
@@ -282,7 +380,7 @@ def _transfer(context: _Context, command: Transfer) -> Reply:
         short = [{"sku": command.sku, "loc": command.from_loc, "requested": command.qty, "available": available}]
         return _error(seq, codes.INSUFFICIENT, f"only {available} available at {command.from_loc!r}", lines=short)
     context.emit(TRANSFERRED, key=command.key, sku=command.sku, **{"from": command.from_loc, "to": command.to_loc}, qty=command.qty)
-    return _ok(context.state.seq, **context.state.keys[command.key].reply)
+    return _applied(context, command.key, _transfer_reply(command))
 
 
 def _get(context: _Context, command: Get) -> Reply:
@@ -314,6 +412,8 @@ _DECIDERS = {
     Forget: _forget,
     Adjust: _adjust,
     Count: _count,
+    AdjustBatch: _adjust_batch,
+    CountBatch: _count_batch,
     Transfer: _transfer,
     Get: _get,
     Query: _query,

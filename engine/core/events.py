@@ -7,7 +7,7 @@ the log. Both call `apply_event`, so replay cannot disagree with live. An event 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .state import (
     COMMITTED,
@@ -17,6 +17,7 @@ from .state import (
     KeyRecord,
     Reservation,
     State,
+    fingerprint,
     reserve_fingerprint,
 )
 
@@ -26,10 +27,14 @@ RESERVED = "reserved"
 EXTENDED = "extended"
 ADJUSTED = "adjusted"
 COUNTED = "counted"
+ADJUSTED_BATCH = "adjusted_batch"
+COUNTED_BATCH = "counted_batch"
 TRANSFERRED = "transferred"
 FORGOTTEN = "forgotten"
 # `released`, `committed` and `expired` share their names with the reservation states.
-EVENT_TYPES = frozenset({RESERVED, RELEASED, COMMITTED, EXPIRED, EXTENDED, ADJUSTED, COUNTED, TRANSFERRED, FORGOTTEN})
+EVENT_TYPES = frozenset({
+    RESERVED, RELEASED, COMMITTED, EXPIRED, EXTENDED, ADJUSTED, COUNTED, ADJUSTED_BATCH, COUNTED_BATCH, TRANSFERRED, FORGOTTEN,
+})
 
 _REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     RESERVED: ("rid", "lines", "ttl_ms", "expires_at_ms", "ref"),
@@ -39,6 +44,8 @@ _REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     EXTENDED: ("rid", "ttl_ms", "expires_at_ms"),
     ADJUSTED: ("key", "sku", "loc", "delta", "reason"),
     COUNTED: ("key", "sku", "loc", "on_hand", "variance", "reason"),
+    ADJUSTED_BATCH: ("key", "lines", "reason"),
+    COUNTED_BATCH: ("key", "lines", "reason"),
     TRANSFERRED: ("key", "sku", "from", "to", "qty"),
     FORGOTTEN: ("rids", "keys"),
 }
@@ -54,6 +61,18 @@ def check_event(event: Event) -> None:
     assert isinstance(event.get("ts_ms"), int), f"event {seq}: bad ts_ms"
     for name in _REQUIRED_FIELDS[kind]:
         assert name in event, f"event {seq} ({kind}) lacks field {name!r}"
+    line_fields = _BATCH_LINE_FIELDS.get(kind)
+    if line_fields is not None:
+        lines = event["lines"]
+        assert isinstance(lines, list) and lines, f"event {seq} ({kind}): lines must be a non-empty list"
+        for line in lines:
+            assert isinstance(line, dict) and line.keys() == line_fields, f"event {seq} ({kind}): bad line {line!r}"
+
+
+_BATCH_LINE_FIELDS = {
+    ADJUSTED_BATCH: {"sku", "loc", "delta"},
+    COUNTED_BATCH: {"sku", "loc", "on_hand", "variance"},
+}
 
 
 def line_maps(lines) -> list[dict[str, Any]]:
@@ -132,10 +151,17 @@ def _apply_extended(state: State, event: Event) -> None:
     reservation.last_seq = event["seq"]
 
 
-def _remember_key(state: State, event: Event, fingerprint: tuple, reply: dict[str, Any]) -> None:
-    key = event["key"]
-    assert key not in state.keys, f"event {event['seq']}: key {key!r} used twice"
-    state.keys[key] = KeyRecord(key, fingerprint, reply, event["ts_ms"], event["seq"])
+# A used key is remembered as a `KeyRecord`: the payload's fingerprint and the figures after the
+# change, from which (with the retry's own fields) `decide` rebuilds the original reply:
+#   adjust:          (on_hand, reserved)
+#   count:           (reserved, variance)                  on_hand is the counted figure
+#   transfer:        (from on_hand, from reserved, to on_hand, to reserved)
+#   adjust batch:    (on_hand, reserved) per line, in line order
+#   count batch:     (reserved, variance) per line, in line order
+
+
+def _remember_key(state: State, event: Event, payload_fingerprint: bytes, figures: tuple[int, ...]) -> None:
+    state.remember_key(event["key"], KeyRecord(payload_fingerprint, event["ts_ms"], event["seq"], figures))
 
 
 def _apply_adjusted(state: State, event: Event) -> None:
@@ -144,7 +170,7 @@ def _apply_adjusted(state: State, event: Event) -> None:
     stock.on_hand += event["delta"]
     assert stock.on_hand >= 0, f"event {event['seq']}: on_hand below zero at {(sku, loc)}"
     stock.last_seq = event["seq"]
-    _remember_key(state, event, adjust_fingerprint(sku, loc, event["delta"], event["reason"]), {"sku": sku, "loc": loc, **stock.figures()})
+    _remember_key(state, event, adjust_fingerprint(sku, loc, event["delta"], event["reason"]), (stock.on_hand, stock.reserved))
 
 
 def _apply_counted(state: State, event: Event) -> None:
@@ -153,8 +179,45 @@ def _apply_counted(state: State, event: Event) -> None:
     assert stock.on_hand + event["variance"] == event["on_hand"], f"event {event['seq']}: variance does not match"
     stock.on_hand = event["on_hand"]
     stock.last_seq = event["seq"]
-    reply = {"sku": sku, "loc": loc, **stock.figures(), "variance": event["variance"]}
-    _remember_key(state, event, count_fingerprint(sku, loc, event["on_hand"], event["reason"]), reply)
+    _remember_key(state, event, count_fingerprint(sku, loc, event["on_hand"], event["reason"]), (stock.reserved, event["variance"]))
+
+
+def _apply_adjusted_batch(state: State, event: Event) -> None:
+    seq = event["seq"]
+    stocks = state.stocks  # the loops below run per line of up to thousands: locals, no calls
+    lines = []
+    figures: list[int] = []
+    for line in event["lines"]:
+        sku, loc, delta = line["sku"], line["loc"], line["delta"]
+        stock = stocks.get((sku, loc))
+        if stock is None:
+            stock = state.stock_for_update(sku, loc)
+        stock.on_hand += delta
+        assert stock.on_hand >= 0, f"event {seq}: on_hand below zero at {(sku, loc)}"
+        stock.last_seq = seq
+        lines.append((sku, loc, delta))
+        figures.append(stock.on_hand)
+        figures.append(stock.reserved)
+    _remember_key(state, event, adjust_batch_fingerprint(lines, event["reason"]), tuple(figures))
+
+
+def _apply_counted_batch(state: State, event: Event) -> None:
+    seq = event["seq"]
+    stocks = state.stocks
+    lines = []
+    figures: list[int] = []
+    for line in event["lines"]:
+        sku, loc, on_hand, variance = line["sku"], line["loc"], line["on_hand"], line["variance"]
+        stock = stocks.get((sku, loc))
+        if stock is None:
+            stock = state.stock_for_update(sku, loc)
+        assert stock.on_hand + variance == on_hand, f"event {seq}: variance does not match at {(sku, loc)}"
+        stock.on_hand = on_hand
+        stock.last_seq = seq
+        lines.append((sku, loc, on_hand))
+        figures.append(stock.reserved)
+        figures.append(variance)
+    _remember_key(state, event, count_batch_fingerprint(lines, event["reason"]), tuple(figures))
 
 
 def _apply_transferred(state: State, event: Event) -> None:
@@ -166,8 +229,8 @@ def _apply_transferred(state: State, event: Event) -> None:
     target.on_hand += qty
     assert source.on_hand >= 0, f"event {event['seq']}: on_hand below zero at {(sku, event['from'])}"
     source.last_seq = target.last_seq = event["seq"]
-    reply = {"from": {"loc": event["from"], **source.figures()}, "to": {"loc": event["to"], **target.figures()}}
-    _remember_key(state, event, transfer_fingerprint(sku, event["from"], event["to"], qty), reply)
+    figures = (source.on_hand, source.reserved, target.on_hand, target.reserved)
+    _remember_key(state, event, transfer_fingerprint(sku, event["from"], event["to"], qty), figures)
 
 
 def _apply_forgotten(state: State, event: Event) -> None:
@@ -186,21 +249,42 @@ _APPLIERS: dict[str, Callable[[State, Event], None]] = {
     EXTENDED: _apply_extended,
     ADJUSTED: _apply_adjusted,
     COUNTED: _apply_counted,
+    ADJUSTED_BATCH: _apply_adjusted_batch,
+    COUNTED_BATCH: _apply_counted_batch,
     TRANSFERRED: _apply_transferred,
     FORGOTTEN: _apply_forgotten,
 }
 
 
-def adjust_fingerprint(sku: str, loc: str, delta: int, reason: str) -> tuple:
-    return ("adjust", sku, loc, delta, reason)
+# Fingerprints of keyed payloads. The single ops digest the tuples that snapshot format 1 kept
+# whole, so a format 1 record converts to the same fingerprint (`state._key_record_from_format_1`).
+# A batch's payload is its lines in order and its reason: the same lines in another order are
+# another payload (`conflict`), which keeps the original reply's line order for a retry.
 
 
-def count_fingerprint(sku: str, loc: str, on_hand: int, reason: str | None) -> tuple:
-    return ("count", sku, loc, on_hand, reason)
+def adjust_fingerprint(sku: str, loc: str, delta: int, reason: str) -> bytes:
+    """Fingerprint of a single `adjust`."""
+    return fingerprint("adjust", sku, loc, delta, reason)
 
 
-def transfer_fingerprint(sku: str, source: str, target: str, qty: int) -> tuple:
-    return ("transfer", sku, source, target, qty)
+def count_fingerprint(sku: str, loc: str, on_hand: int, reason: str | None) -> bytes:
+    """Fingerprint of a single `count`."""
+    return fingerprint("count", sku, loc, on_hand, reason)
+
+
+def transfer_fingerprint(sku: str, source: str, target: str, qty: int) -> bytes:
+    """Fingerprint of a `transfer`."""
+    return fingerprint("transfer", sku, source, target, qty)
+
+
+def adjust_batch_fingerprint(lines: Sequence[tuple[str, str, int]], reason: str) -> bytes:
+    """Fingerprint of a batch `adjust`: its `(sku, loc, delta)` lines in order, and its reason."""
+    return fingerprint("adjust_batch", lines, reason)
+
+
+def count_batch_fingerprint(lines: Sequence[tuple[str, str, int]], reason: str | None) -> bytes:
+    """Fingerprint of a batch `count`: its `(sku, loc, on_hand)` lines in order, and its reason."""
+    return fingerprint("count_batch", lines, reason)
 
 
 __all__ = ["Event", "apply_event", "check_event", "reserve_fingerprint", "EVENT_TYPES"]

@@ -6,8 +6,13 @@ Plain data with no behaviour beyond derived figures. It changes only through
 
 from __future__ import annotations
 
+import hashlib
+import struct
+import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Sequence
+
+import msgpack
 
 HELD = "held"
 COMMITTED = "committed"
@@ -15,7 +20,10 @@ RELEASED = "released"
 EXPIRED = "expired"
 RESERVATION_STATES = (HELD, COMMITTED, RELEASED, EXPIRED)
 
-SNAPSHOT_FORMAT = 1
+# 2: a used key is a packed `KeyRecord` (bytes), not its fingerprint tuple and reply map.
+# Format 1 snapshots are still read (converted on load), so existing data folders start.
+SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMATS_READ = (1, 2)
 
 StockKey = tuple[str, str]  # (sku, loc)
 LineTuple = tuple[str, str, int]  # (sku, loc, qty)
@@ -65,35 +73,113 @@ def reserve_fingerprint(lines: tuple[LineTuple, ...], ttl_ms: int, ref: str | No
     return (tuple(sorted(lines)), ttl_ms, ref)
 
 
-@dataclass(slots=True)
-class KeyRecord:
-    """An applied adjust/count/transfer, remembered for idempotent retries."""
+FINGERPRINT_BYTES = 16
 
-    key: str
-    fingerprint: tuple
-    reply: dict[str, Any]
+
+def fingerprint(*payload: Any) -> bytes:
+    """What identifies a keyed request's payload: 16 bytes of BLAKE2b over its msgpack encoding.
+
+    A digest rather than the payload itself, so that remembering a key costs the same for one
+    line as for thousands. 128 bits make an accidental match of two different payloads
+    (which would turn a `conflict` into a wrong `duplicate`) about as likely as 2^-128 per pair,
+    and finding one on purpose is beyond reach. msgpack is an exact encoding (types and lengths
+    are explicit), so different payloads never encode alike. `payload` starts with the op, so
+    one key reused by another op never matches.
+    """
+    return hashlib.blake2b(msgpack.packb(payload, use_bin_type=True), digest_size=FINGERPRINT_BYTES).digest()
+
+
+_KEY_RECORD_HEAD = struct.Struct("<16sqq")  # fingerprint, at_ms, last_seq
+
+
+class KeyRecord(NamedTuple):
+    """An applied adjust/count/transfer (single or batch), remembered for idempotent retries.
+
+    Only what identifies a retry and what its reply cannot be derived from: the payload's
+    `fingerprint`, when (`at_ms`, for forgetting) and at which `last_seq` it was applied, and
+    the `figures` after the change (per op: see `engine.core.events`). A retry carries the same
+    payload, so the names in the original reply come from the retry itself.
+
+    In `State.keys` a record is kept packed (`pack`): one bytes object of 32 + 8 x figures
+    bytes, about 90 bytes of memory for a single op, instead of a reply map and a tuple.
+    """
+
+    fingerprint: bytes
     at_ms: int
     last_seq: int
+    figures: tuple[int, ...]
+
+    def pack(self) -> bytes:
+        # int64 figures: on_hand grows by at most 2^31 per change, so this bound is never near.
+        return _key_record_struct(len(self.figures)).pack(self.fingerprint, self.at_ms, self.last_seq, *self.figures)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "KeyRecord":
+        """The record packed in `data`."""
+        fingerprint_bytes, at_ms, last_seq, *figures = _key_record_struct((len(data) - _KEY_RECORD_HEAD.size) // 8).unpack(data)
+        return cls(fingerprint_bytes, at_ms, last_seq, tuple(figures))
+
+
+_KEY_RECORD_STRUCTS: dict[int, struct.Struct] = {}
+
+
+def _key_record_struct(figure_count: int) -> struct.Struct:
+    # One compiled layout per figure count: 2 and 4 for single ops, 2 per line for batches, so
+    # at most LINES_PER_BATCH_MAX + 1 layouts (a few hundred bytes each).
+    layout = _KEY_RECORD_STRUCTS.get(figure_count)
+    if layout is None:
+        layout = _KEY_RECORD_STRUCTS[figure_count] = struct.Struct(f"<16sqq{figure_count}q")
+    return layout
+
+
+def packed_key_at_ms(data: bytes) -> int:
+    """`at_ms` of a packed `KeyRecord`, without unpacking the rest (forgetting scans every key)."""
+    return _KEY_RECORD_HEAD.unpack_from(data)[1]
 
 
 @dataclass(slots=True)
 class State:
     seq: int = 0  # seq of the last applied event
     stocks: dict[StockKey, Stock] = field(default_factory=dict)
-    locations: dict[str, set[str]] = field(default_factory=dict)  # sku -> locs (index for `query`)
+    # sku -> its locations, in the order they appeared (index for `query`). A list, not a set:
+    # a location is added once, when its stock is created, and a small set costs 216 to 728
+    # bytes where a list costs 64 to 120.
+    locations: dict[str, list[str]] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
-    keys: dict[str, KeyRecord] = field(default_factory=dict)
+    keys: dict[str, bytes] = field(default_factory=dict)  # key -> packed KeyRecord
 
     def stock(self, sku: str, loc: str) -> Stock:
         """The SKU-location's stock; an unknown one reads as zeros (and is not created)."""
         return self.stocks.get((sku, loc), ZERO_STOCK)
 
     def stock_for_update(self, sku: str, loc: str) -> Stock:
+        """The SKU-location's stock, created (zeros) on first use."""
         stock = self.stocks.get((sku, loc))
         if stock is None:
-            stock = self.stocks[(sku, loc)] = Stock()
-            self.locations.setdefault(sku, set()).add(loc)
+            stock = self._new_stock(sku, loc)
         return stock
+
+    def _new_stock(self, sku: str, loc: str) -> Stock:
+        # Locations are few and shared by many SKUs: one string object per location name
+        # instead of one per SKU-location (~50 bytes each).
+        loc = sys.intern(loc)
+        stock = self.stocks[(sku, loc)] = Stock()
+        locations = self.locations.get(sku)
+        if locations is None:
+            self.locations[sku] = [loc]
+        else:
+            locations.append(loc)
+        return stock
+
+    def key_record(self, key: str) -> KeyRecord | None:
+        """The record of a used key, or None."""
+        data = self.keys.get(key)
+        return None if data is None else KeyRecord.unpack(data)
+
+    def remember_key(self, key: str, record: KeyRecord) -> None:
+        """Remember a newly used key (only `apply_event` calls this)."""
+        assert key not in self.keys, f"seq {record.last_seq}: key {key!r} used twice"
+        self.keys[key] = record.pack()
 
     # -- snapshots ------------------------------------------------------------------------------
 
@@ -111,12 +197,13 @@ class State:
                 )
                 for r in self.reservations.values()
             ],
-            "keys": [(k.key, list(k.fingerprint), k.reply, k.at_ms, k.last_seq) for k in self.keys.values()],
+            "keys": list(self.keys.items()),  # (key, packed KeyRecord)
         }
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any]) -> "State":
-        if data.get("format") != SNAPSHOT_FORMAT:
+        """The state a snapshot describes (format 2, or format 1 converted)."""
+        if data.get("format") not in SNAPSHOT_FORMATS_READ:
             raise ValueError(f"unsupported snapshot format {data.get('format')!r}")
         state = cls(seq=data["seq"])
         for sku, loc, on_hand, reserved, last_seq in data["stocks"]:
@@ -130,16 +217,31 @@ class State:
                 committed=None if committed is None else tuple(tuple(line) for line in committed),
                 last_seq=last_seq,
             )
-        for key, fingerprint, reply, at_ms, last_seq in data["keys"]:
-            state.keys[key] = KeyRecord(key, _deep_tuple(fingerprint), reply, at_ms, last_seq)
+        if data["format"] == 1:
+            for key, old_fingerprint, reply, at_ms, last_seq in data["keys"]:
+                state.keys[key] = _key_record_from_format_1(old_fingerprint, reply, at_ms, last_seq).pack()
+        else:
+            for key, packed in data["keys"]:
+                assert isinstance(packed, bytes) and len(packed) >= _KEY_RECORD_HEAD.size, f"key {key!r}: bad record"
+                state.keys[key] = packed
         check_invariants(state)
         return state
 
 
-def _deep_tuple(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_deep_tuple(item) for item in value)
-    return value
+def _key_record_from_format_1(old_fingerprint: list, reply: dict[str, Any], at_ms: int, last_seq: int) -> KeyRecord:
+    """Format 1 kept the fingerprint as a tuple (op, ...fields) and the whole reply. The digest of
+    that tuple is the format 2 fingerprint (`events` digests the same fields in the same order),
+    and the figures are read from the reply."""
+    kind = old_fingerprint[0]
+    if kind == "adjust":
+        figures = (reply["on_hand"], reply["reserved"])
+    elif kind == "count":
+        figures = (reply["reserved"], reply["variance"])
+    elif kind == "transfer":
+        figures = (reply["from"]["on_hand"], reply["from"]["reserved"], reply["to"]["on_hand"], reply["to"]["reserved"])
+    else:
+        raise ValueError(f"format 1 snapshot: unknown key kind {kind!r}")
+    return KeyRecord(fingerprint(*old_fingerprint), at_ms, last_seq, figures)
 
 
 def held_by_stock(state: State) -> dict[StockKey, int]:
