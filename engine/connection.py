@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections import deque
+from functools import partial
 from typing import Any
 
 import trio
@@ -71,7 +72,8 @@ class Connection:
         self._input_done = False
         self._watch_from_seq: int | None = None
         self._cancel_scope = trio.CancelScope()
-        self.deliver = self._deliver  # the engine's reply sink for this connection
+        # The engine's reply sink for this connection: called once per request, now or later.
+        self._deliver = partial(self._outbox.deliver, self)
 
     async def run(self) -> None:
         try:
@@ -201,10 +203,6 @@ class Connection:
         return b""
 
     # -- sending ------------------------------------------------------------------------------
-
-    def _deliver(self, reply: dict[str, Any]) -> None:
-        """The engine's reply sink: called once per request, now or later."""
-        self._outbox.deliver(self, reply)
 
     def flush(self) -> None:
         """Hand every ready reply to the socket (called by the outbox)."""

@@ -30,8 +30,11 @@ def _key(seq: int) -> bytes:
     return _SEQ.pack(seq)
 
 
+_PACKER = msgpack.Packer(use_bin_type=True)  # reused: building one per call costs as much as small packing
+
+
 def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    return _PACKER.pack(value)
 
 
 def _unpack(data: bytes) -> Any:

@@ -241,6 +241,7 @@ def _lines(msg: dict, field: str, request_id: int | None, qty_min: int, required
 # A string of at most this many characters is within NAME_BYTES_MAX UTF-8 bytes (4 bytes per
 # character at most), so the common short name needs no encoding to be measured.
 _NAME_CHARACTERS_SAFE = NAME_BYTES_MAX // 4
+_REF_CHARACTERS_SAFE = REF_BYTES_MAX // 4
 
 
 def _clean_lines(items: list, qty_min: int) -> tuple[Line, ...] | None:
@@ -331,6 +332,18 @@ def _hello(msg: dict, rid: int | None) -> Hello:
 
 
 def _reserve(msg: dict, rid: int | None) -> Reserve:
+    # The common request, plainly valid, is checked in one pass; anything else is read field by
+    # field below, which names the first problem.
+    rid_value, lines, ttl_ms, ref = msg.get("rid"), msg.get("lines"), msg.get("ttl_ms"), msg.get("ref")
+    if (
+        type(rid_value) is str and 0 < len(rid_value) <= _NAME_CHARACTERS_SAFE
+        and type(lines) is list and 0 < len(lines) <= LINES_PER_RESERVATION_MAX
+        and (ttl_ms is None or (type(ttl_ms) is int and 0 <= ttl_ms <= TTL_MS_MAX))
+        and (ref is None or (type(ref) is str and len(ref) <= _REF_CHARACTERS_SAFE))
+    ):
+        clean = _clean_lines(lines, 1)
+        if clean is not None:
+            return Reserve(rid_value, clean, ttl_ms or 0, ref)
     return Reserve(
         rid=_name(msg, "rid", rid),
         lines=_lines(msg, "lines", rid, qty_min=1),
@@ -393,7 +406,7 @@ _PARSERS: dict[str, Callable[[dict, int | None], Command]] = {
     "hello": _hello,
     "ping": lambda msg, rid: Ping(),
     "reserve": _reserve,
-    "release": lambda msg, rid: Release(rid=_name(msg, "rid", rid)),
+    "release": lambda msg, rid: Release(_name(msg, "rid", rid)),
     "commit": _commit,
     "extend": lambda msg, rid: Extend(rid=_name(msg, "rid", rid), ttl_ms=_integer(msg, "ttl_ms", rid, 1, TTL_MS_MAX)),
     "adjust": _adjust,

@@ -17,9 +17,14 @@ from ._framing import FrameDecoder, FrameTooLarge, frame
 from ._limits import MAX_FRAME_BYTES
 
 
+# One packer for every message: `packb` builds a new one per call, which costs as much as the
+# packing of a small reply. Packing holds the GIL throughout, so threads cannot interleave in it.
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
 def pack(message: dict[str, Any]) -> bytes:
     """Encode one message map as a frame (header + msgpack body)."""
-    return frame(msgpack.packb(message, use_bin_type=True))
+    return frame(_PACKER.pack(message))
 
 
 def _unpack_body(body: bytes) -> Any:
