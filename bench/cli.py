@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paced-seconds", type=float, default=None,
                         help="measured seconds of a paced run (default: half of --seconds, at least 2)")
     parser.add_argument("--idle-connections", type=int, default=0,
-                        help="open N extra idle connections to the system under test before measuring")
+                        help="measure the engine's pooled and pipelined runs again with N extra idle connections open "
+                             "(rows labelled '+N idle'): per-commit work must not grow with open connections")
     parser.add_argument("--generator-processes", type=int, default=1,
                         help="load generator processes (connections split between them, results merged; default %(default)s)")
     parser.add_argument("--output", default=str(RESULTS / "bench.json"), help="JSON results (default %(default)s)")
@@ -292,11 +293,13 @@ async def wait_for_expiry(system, keys, before_count: int) -> list:
         await trio.sleep(0.5)
 
 
-def measure(args, system, workload_name, mode, rate, seconds, run_number) -> dict:
+def measure(args, system, workload_name, mode, rate, seconds, run_number, idle_count=0) -> dict:
     workload = WORKLOADS[workload_name]
     keys = workload.keys()
     depth = args.depth if mode == "pipelined" else 1
     mode_label = mode if rate is None else f"paced@{rate:,.0f}/s"
+    if idle_count:
+        mode_label += f" +{idle_count} idle"
     label = f"{system.name} {workload_name} {mode_label}"
     checked = system.kind != "echo"
     before = None
@@ -306,7 +309,7 @@ def measure(args, system, workload_name, mode, rate, seconds, run_number) -> dic
             before = trio.run(wait_for_expiry, system, keys, 0)
         else:
             before = trio.run(systems.read_stock, system, keys)
-    idle = open_idle_connections(system, args.idle_connections)
+    idle = open_idle_connections(system, idle_count)
     try:
         merged, cpu_seconds, window_seconds = run_generators(args, system, workload_name, depth, rate, seconds, label, run_number)
     finally:
@@ -320,7 +323,7 @@ def measure(args, system, workload_name, mode, rate, seconds, run_number) -> dic
     measurement = {
         "system": system.name, "workload": workload_name, "mode": mode if rate is None else "paced",
         "label": mode_label, "connections": args.connections, "depth": depth, "rate_target": rate,
-        "seconds": seconds, "idle_connections": args.idle_connections,
+        "seconds": seconds, "idle_connections": idle_count,
         "requests": requests, "requests_per_second": round(requests / seconds, 1),
         "granted_reserves_per_second": round(granted / seconds, 1),
         **summarize_latencies(all_latencies),
@@ -387,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in args.modes:
                     run_number += 1
                     measurement = run_one(args, system, workload_name, mode, None, args.seconds, run_number, output)
+                    if args.idle_connections and system.kind == "engine":
+                        run_number += 1
+                        run_one(args, system, workload_name, mode, None, args.seconds, run_number, output, args.idle_connections)
                     if measurement is None or mode != "pooled":
                         continue
                     paced_rates = []
@@ -419,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_one(args, system, workload_name, mode, rate, seconds, run_number, output) -> dict | None:
+def run_one(args, system, workload_name, mode, rate, seconds, run_number, output, idle_count=0) -> dict | None:
     try:
-        measurement = measure(args, system, workload_name, mode, rate, seconds, run_number)
+        measurement = measure(args, system, workload_name, mode, rate, seconds, run_number, idle_count)
     except Exception as error:
         message = f"{system.name} {workload_name} {mode}{'' if rate is None else ' paced'}: {type(error).__name__}: {error}"
         if not system.alive():
