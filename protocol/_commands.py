@@ -440,11 +440,11 @@ def parse_request(msg: Any) -> tuple[int, Command]:
     for key in msg:
         if type(key) is not str:
             raise _bad(read_request_id(msg), "request map keys must be strings")
-    request_id = read_request_id(msg)
-    if request_id is None:
+    request_id = msg.get("id")
+    if type(request_id) is not int or not 0 <= request_id <= REQUEST_ID_MAX:
         raise _bad(None, "field 'id' must be an unsigned integer below 2^64")
     op = msg.get("op")
-    if not isinstance(op, str):
+    if type(op) is not str:
         raise _bad(request_id, "field 'op' must be a string")
     parser = _PARSERS.get(op)
     if parser is None:

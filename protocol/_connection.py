@@ -74,16 +74,17 @@ class ServerProtocol:
 
     def next_events(self, events_max: int) -> list[ServerEvent]:
         events: list[ServerEvent] = []
+        parse = self._parse
         while not self.broken and len(events) < events_max:
             try:
-                body = self._decoder.next_body()
+                bodies = self._decoder.next_bodies(events_max - len(events))
             except FrameTooLarge as error:
                 self.broken = True
                 events.append(RequestRejected(errors.error_reply(None, errors.FRAME_TOO_LARGE, str(error)), close=True))
                 break
-            if body is None:
+            if not bodies:
                 break
-            events.append(self._parse(body))
+            events += [parse(body) for body in bodies]
         return events
 
     @staticmethod

@@ -59,6 +59,30 @@ class FrameDecoder:
         self._offset = start + length
         return body
 
+    def next_bodies(self, count_max: int) -> list[bytes]:
+        """Up to `count_max` complete bodies, in order; fewer when the bytes run out. A bad
+        header raises FrameTooLarge, but only once the bodies before it have been returned."""
+        bodies: list[bytes] = []
+        buffer, offset, limit = self._buffer, self._offset, self.max_frame_bytes
+        end = len(buffer)
+        unpack_header = _HEADER.unpack_from
+        while len(bodies) < count_max and end - offset >= FRAME_HEADER_BYTES:
+            (length,) = unpack_header(buffer, offset)
+            if length == 0 or length > limit:
+                if bodies:
+                    break
+                self._offset = offset
+                raise FrameTooLarge(length, limit)
+            start = offset + FRAME_HEADER_BYTES
+            if end - start < length:
+                break
+            offset = start + length
+            bodies.append(bytes(buffer[start:offset]))
+        self._offset = offset
+        if len(bodies) < count_max:
+            self._compact()  # waiting for more bytes anyway
+        return bodies
+
     def _compact(self) -> None:
         # Drop consumed bytes only when we must wait anyway: one memmove per read, not per frame.
         if self._offset:
