@@ -4,8 +4,8 @@ The connection's own task reads and decodes every frame it has and submits the r
 replies reach the outbox (`outbox.py`), which writes them to the socket as soon as the log is
 durable up to their `seq`, from whichever task made them sendable. A second task, the writer,
 sleeps until the socket's buffer is full (a client that does not read), then waits for it to
-drain. Reading stops while `in_flight_per_connection_max` replies are owed or unsent bytes wait
-(TCP back-pressure instead of an unbounded queue). A `watch` turns the connection into an event
+drain. Reading stops while `in_flight_per_connection_max` replies are owed (read, and not yet
+taken by the kernel): TCP back-pressure instead of an unbounded queue. A `watch` turns the connection into an event
 stream written by the writer task.
 """
 
@@ -66,7 +66,8 @@ class Connection:
         self.ready: list[bytes] = []
         self.waiting: deque[tuple[int, bytes, Any]] = deque()
         self._unsent = bytearray()  # bytes the socket did not take yet: the writer task's job
-        self._owed = 0  # requests read whose reply has not been handed to the socket
+        self._unsent_replies = 0  # replies (wholly or partly) in `_unsent`: still owed
+        self._owed = 0  # requests read whose reply is not yet in the kernel's hands
         self._reader_wakeup: trio.Event | None = None
         self._writer_wakeup = trio.Event()
         self._input_done = False
@@ -99,7 +100,7 @@ class Connection:
         in_flight_max = self._config.in_flight_per_connection_max
         while True:
             room = in_flight_max - self._owed
-            if room <= 0 or self._unsent:
+            if room <= 0:
                 self._counters["reading_paused"] += 1
                 self._reader_wakeup = trio.Event()
                 await self._reader_wakeup.wait()
@@ -209,23 +210,31 @@ class Connection:
         if self.closed or not self.ready:
             self.ready.clear()
             return
+        count = len(self.ready)
         data = b"".join(self.ready)
-        self._owed -= len(self.ready)
         self.ready.clear()
         if self._unsent:
             self._unsent += data  # behind bytes the writer is waiting to send
+            self._unsent_replies += count
+            return
+        try:
+            sent = self._transport.try_send(data)
+        except ConnectionLost as error:
+            self._lost(error)
+            return
+        if sent < len(data):
+            self._unsent += memoryview(data)[sent:]
+            self._unsent_replies = count
+            self._writer_wakeup.set()
         else:
-            try:
-                sent = self._transport.try_send(data)
-            except ConnectionLost as error:
-                self._lost(error)
-                return
-            if sent < len(data):
-                self._unsent += memoryview(data)[sent:]
-                self._writer_wakeup.set()
+            self._replies_sent(count)
+
+    def _replies_sent(self, count: int) -> None:
+        """`count` replies are in the kernel's hands: they are owed no more."""
+        self._owed -= count
         if self._owed == 0 and self._input_done:
             self._writer_wakeup.set()
-        if self._reader_wakeup is not None and not self._unsent:
+        if self._reader_wakeup is not None:
             self._reader_wakeup.set()
             self._reader_wakeup = None
 
@@ -245,9 +254,9 @@ class Connection:
                     self._lost(error)
                     return
                 del self._unsent[:sent]
-                if not self._unsent and self._reader_wakeup is not None:
-                    self._reader_wakeup.set()
-                    self._reader_wakeup = None
+                if not self._unsent:
+                    self._replies_sent(self._unsent_replies)
+                    self._unsent_replies = 0
                 continue
             if self._input_done and self._owed == 0:
                 if self._watch_from_seq is not None:

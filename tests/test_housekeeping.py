@@ -3,6 +3,8 @@ old ids, trimming the log; and clients that read slowly or vanish."""
 
 from __future__ import annotations
 
+import socket
+
 import trio
 
 from protocol import ClientProtocol, ServerError, open_trio_client
@@ -99,6 +101,35 @@ async def test_log_is_trimmed_after_a_snapshot_and_watch_says_what_is_gone(start
         await server.aclose()
         again = await start_server(log_retention_ms=0)
         assert again.engine.state.stock("sku", "w").on_hand == 6
+
+
+async def test_a_client_that_writes_everything_before_reading_is_still_read(start_server):
+    """Megabytes of pipelined requests with large replies, all written before the client reads a
+    byte: the server keeps reading while it owes fewer replies than its bound, even though the
+    replies it has made cannot be sent yet (otherwise both sides wait for each other forever)."""
+    server = await start_server()
+    with trio.fail_after(30):
+        codec = ClientProtocol()
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect((server.host, server.port))
+        stream = trio.SocketStream(sock)
+        batches, lines_per_batch = 100, 3000
+        requests = [
+            codec.request("count", key=f"load-{batch}", reason="initial",
+                          lines=[{"sku": f"s-{batch}-{line}", "loc": "w", "on_hand": 7} for line in range(lines_per_batch)])
+            for batch in range(batches)
+        ]
+        await stream.send_all(b"".join(frame for _, frame in requests))  # ~10 MB, nothing read yet
+        replies = {}
+        while len(replies) < batches:
+            data = await stream.receive_some(1 << 16)
+            assert data, "server closed the connection"
+            for reply in codec.receive_data(data):
+                replies[reply["id"]] = reply
+        await stream.aclose()
+        assert all(reply["ok"] and len(reply["lines"]) == lines_per_batch for reply in replies.values())
+        assert len(server.engine.state.stocks) == batches * lines_per_batch
 
 
 async def test_a_connection_owing_its_bound_of_replies_is_not_read_until_it_owes_fewer(start_server):
