@@ -175,7 +175,7 @@ async def load_batches(port: int, total: int, locations_per_sku: int, connection
 
 
 def settle_seconds(pid: int, seconds: float) -> int:
-    """Wait `seconds` (idle actors go to sleep, queues drain), then return the resident bytes."""
+    """Wait `seconds` (queues drain, the log commits), then return the resident bytes."""
     time.sleep(seconds)
     return resident_bytes(pid)
 

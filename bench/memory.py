@@ -2,7 +2,7 @@
 
 Starts a server process on a temporary data folder, loads `--sku-locations` SKU-locations
 (default 1,000,000) with stock — one `adjust` per SKU-location, one key each (default), or batch
-`count`s (`--batch`) — pipelined over a few connections, waits for idle actors to sleep, then
+`count`s (`--batch`) — pipelined over a few connections, waits for the queues to drain, then
 reads the server's VmRSS from /proc/PID/status. Prints the load time, the resident memory, and
 bytes per SKU-location (above the idle server's own), and writes them as JSON.
 
@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lines-per-batch", type=int, default=3000)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--depth", type=int, default=None, help="requests in flight per connection (default 256 single, 4 batch)")
-    parser.add_argument("--settle-seconds", type=float, default=4.0, help="wait before reading VmRSS (idle actors sleep after 2 s)")
+    parser.add_argument("--settle-seconds", type=float, default=4.0, help="wait before reading VmRSS (queues drain, the log commits)")
     parser.add_argument("--root", default=str(ROOT), help="source tree the server runs from (to measure an older engine)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "memory.json"))
     return parser.parse_args()

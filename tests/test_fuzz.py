@@ -2,7 +2,7 @@
 
 Each hypothesis example runs its own `trio.run` with a fresh server (own data directory) in the
 same nursery as the test code, so any exception that escapes the server's nursery (a crashed
-connection handler, actor or log writer) fails the example. After every case a NEW connection
+connection handler, owner task or log writer) fails the example. After every case a NEW connection
 must still `ping` and `get`, and the server must not have stopped on its own.
 
 Properties (see shared/PROTOCOL.md, docs/PROTOCOL.md):
