@@ -122,7 +122,7 @@ def _tune_interpreter() -> None:
     # A log commit's worker thread, back from fsync, needs the GIL to hand its result to the
     # event loop; a busy loop gives it up only every switch interval (5 ms by default), which
     # then delays every reply waiting for that commit. Ask for it sooner.
-    sys.setswitchinterval(float(os.environ.get("ENGINE_SWITCH_INTERVAL", SWITCH_INTERVAL_SECONDS)))
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
 
 def _tune_garbage_collector() -> None:
