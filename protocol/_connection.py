@@ -14,7 +14,7 @@ import msgpack
 from . import _errors as errors
 from ._commands import Command, parse_request, read_request_id
 from ._framing import FrameDecoder, FrameTooLarge, frame
-from ._limits import MAX_FRAME_BYTES
+from ._limits import FRAME_HEADER_BYTES, MAX_FRAME_BYTES
 
 
 # One packer for every message: `packb` builds a new one per call, which costs as much as the
@@ -73,18 +73,19 @@ class ServerProtocol:
         return self.next_events(events_max)
 
     def next_events(self, events_max: int) -> list[ServerEvent]:
+        if self.broken:
+            return []
+        decoder, parse = self._decoder, self._parse
         events: list[ServerEvent] = []
-        parse = self._parse
-        while not self.broken and len(events) < events_max:
-            try:
-                bodies = self._decoder.next_bodies(events_max - len(events))
-            except FrameTooLarge as error:
-                self.broken = True
-                events.append(RequestRejected(errors.error_reply(None, errors.FRAME_TOO_LARGE, str(error)), close=True))
-                break
-            if not bodies:
-                break
-            events += [parse(body) for body in bodies]
+        try:
+            events += [parse(body) for body in decoder.next_bodies(events_max)]
+            # Fewer bodies than asked for, yet a header's worth left: either a frame still coming
+            # in, or a bad header that `next_bodies` stopped at after the good frames before it.
+            if len(events) < events_max and decoder.buffered_bytes >= FRAME_HEADER_BYTES:
+                events += [parse(body) for body in decoder.next_bodies(events_max - len(events))]
+        except FrameTooLarge as error:
+            self.broken = True
+            events.append(RequestRejected(errors.error_reply(None, errors.FRAME_TOO_LARGE, str(error)), close=True))
         return events
 
     @staticmethod

@@ -32,10 +32,20 @@ class FrameDecoder:
     def __init__(self, max_frame_bytes: int):
         assert max_frame_bytes >= 1
         self.max_frame_bytes = max_frame_bytes
-        self._buffer = bytearray()
+        # Unconsumed input from `_offset` on. Usually the bytes of the last read as they came (no
+        # copy: most reads end on a frame boundary); a bytearray only while a frame straddles
+        # reads, so that a large frame arriving in pieces is gathered in amortized linear time.
+        self._buffer: bytes | bytearray = b""
         self._offset = 0
 
     def feed(self, data: bytes) -> None:
+        if self._offset >= len(self._buffer):
+            self._buffer = data
+            self._offset = 0
+            return
+        if type(self._buffer) is not bytearray:
+            self._buffer = bytearray(memoryview(self._buffer)[self._offset :])
+            self._offset = 0
         self._buffer += data
 
     @property
@@ -44,22 +54,10 @@ class FrameDecoder:
 
     def next_body(self) -> bytes | None:
         """The next complete body, or None when more bytes are needed. Raises FrameTooLarge."""
-        available = len(self._buffer) - self._offset
-        if available < FRAME_HEADER_BYTES:
-            self._compact()
-            return None
-        (length,) = _HEADER.unpack_from(self._buffer, self._offset)
-        if length == 0 or length > self.max_frame_bytes:
-            raise FrameTooLarge(length, self.max_frame_bytes)
-        if available < FRAME_HEADER_BYTES + length:
-            self._compact()
-            return None
-        start = self._offset + FRAME_HEADER_BYTES
-        body = bytes(self._buffer[start : start + length])
-        self._offset = start + length
-        return body
+        bodies = self.next_bodies(1)
+        return bytes(bodies[0]) if bodies else None
 
-    def next_bodies(self, count_max: int) -> list[bytes]:
+    def next_bodies(self, count_max: int) -> list[bytes | bytearray]:
         """Up to `count_max` complete bodies, in order; fewer when the bytes run out. A bad
         header raises FrameTooLarge, but only once the bodies before it have been returned."""
         bodies: list[bytes] = []
@@ -77,7 +75,7 @@ class FrameDecoder:
             if end - start < length:
                 break
             offset = start + length
-            bodies.append(bytes(buffer[start:offset]))
+            bodies.append(buffer[start:offset])
         self._offset = offset
         if len(bodies) < count_max:
             self._compact()  # waiting for more bytes anyway
@@ -85,6 +83,9 @@ class FrameDecoder:
 
     def _compact(self) -> None:
         # Drop consumed bytes only when we must wait anyway: one memmove per read, not per frame.
-        if self._offset:
+        if self._offset >= len(self._buffer):
+            self._buffer = b""
+            self._offset = 0
+        elif self._offset and type(self._buffer) is bytearray:
             del self._buffer[: self._offset]
             self._offset = 0
