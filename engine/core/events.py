@@ -80,7 +80,8 @@ def line_maps(lines) -> list[dict[str, Any]]:
 
 
 def line_tuples(lines: list[dict[str, Any]]) -> tuple[tuple[str, str, int], ...]:
-    return tuple((line["sku"], line["loc"], line["qty"]) for line in lines)
+    # A list comprehension, not a generator: this runs for every reserve, live and in replay.
+    return tuple([(line["sku"], line["loc"], line["qty"]) for line in lines])
 
 
 def apply_event(state: State, event: Event) -> State:
