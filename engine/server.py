@@ -138,6 +138,7 @@ def _recover_without_cyclic_gc(storage: LmdbStorage) -> tuple[State, int]:
     of the imports, of earlier servers in the same process). The event loop does not serve
     yet, so no other code allocates meanwhile."""
     gc.collect()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         recovered = recover(storage)
@@ -145,7 +146,8 @@ def _recover_without_cyclic_gc(storage: LmdbStorage) -> tuple[State, int]:
     finally:
         _, generation1, generation2 = gc.get_threshold()
         gc.set_threshold(GC_GENERATION0_THRESHOLD, generation1, generation2)
-        gc.enable()
+        if was_enabled:
+            gc.enable()
     return recovered
 
 

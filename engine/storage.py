@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+from contextlib import closing
 from typing import Any, Iterator
 
 import lmdb
@@ -140,13 +141,14 @@ class LmdbStorage:
     def read(self, from_seq: int, limit: int, through_seq: int | None = None) -> list[Event]:
         """Up to `limit` events with `from_seq <= seq <= through_seq`, in seq order."""
         events: list[Event] = []
-        for entry in self.read_entries(from_seq):
-            for event in entry:
-                if through_seq is not None and event["seq"] > through_seq:
-                    return events
-                events.append(event)
-                if len(events) >= limit:
-                    return events
+        with closing(self.read_entries(from_seq)) as entries:  # ends the read transaction on return
+            for entry in entries:
+                for event in entry:
+                    if through_seq is not None and event["seq"] > through_seq:
+                        return events
+                    events.append(event)
+                    if len(events) >= limit:
+                        return events
         return events
 
     def read_entries(self, from_seq: int) -> Iterator[list[Event]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import re
 
 import lmdb
 import msgpack
@@ -12,7 +14,7 @@ import trio
 from protocol import Client, ServerError, open_trio_client
 from engine.core import State, apply_event
 from engine.recovery import recover
-from engine.server import RunningServer
+from engine.server import GC_GENERATION0_THRESHOLD, RunningServer
 from engine.storage import LmdbStorage
 
 SKUS = [("sku-1", "w1"), ("sku-2", "w1"), ("sku-3", "w2"), ("sku-4", "w2")]
@@ -95,6 +97,36 @@ def test_expired_while_down_is_expired_on_recovery(server_process):
             time.sleep(0.02)
         assert client.get("sku", "w")["available"] == 5
     assert restarted.terminate() == 0
+
+
+def test_restart_logs_its_start_up_time_and_replay_rate(server_process):
+    server = server_process()
+    with Client("127.0.0.1", server.port) as client:
+        client.adjust("stock", "sku", "w", 5, "receipt")
+        client.reserve("r", [("sku", "w", 2)])
+    server.kill()
+    restarted = server_process()
+    with Client("127.0.0.1", restarted.port) as client:
+        assert client.get("sku", "w")["reserved"] == 2
+    match = re.search(
+        r"started in (\d+\.\d+) s \((\d+) records/s from process start\): recovered seq 2 "
+        r"\(snapshot at 0, replayed 2 records in (\d+\.\d+) s, \d+ records/s\)",
+        restarted.log_text(),
+    )
+    assert match, restarted.log_text()
+    started_seconds, recovery_seconds = float(match.group(1)), float(match.group(3))
+    # Counted from the process's start: the interpreter and the imports come before recovery.
+    assert 0 < started_seconds < 20 and recovery_seconds <= started_seconds
+    assert restarted.terminate() == 0
+
+
+async def test_recovery_leaves_the_state_frozen_and_the_collector_tuned(start_server):
+    frozen_before = gc.get_freeze_count()
+    running = await start_server()
+    assert gc.isenabled()
+    assert gc.get_threshold()[0] == GC_GENERATION0_THRESHOLD
+    assert gc.get_freeze_count() > frozen_before
+    assert running.engine.state.seq == 0
 
 
 def test_clean_shutdown_writes_a_snapshot_and_restart_replays_nothing(server_process):
