@@ -80,7 +80,6 @@ def line_maps(lines) -> list[dict[str, Any]]:
 
 
 def line_tuples(lines: list[dict[str, Any]]) -> tuple[tuple[str, str, int], ...]:
-    # A list comprehension, not a generator: this runs for every reserve, live and in replay.
     return tuple([(line["sku"], line["loc"], line["qty"]) for line in lines])
 
 
