@@ -10,7 +10,7 @@ import sys
 import trio
 
 from .config import DAY_MS, HOUR_MS, Config
-from .server import run_server
+from .server import process_started_monotonic, run_server
 
 log = logging.getLogger("engine")
 
@@ -61,7 +61,7 @@ async def _serve_until_signalled(config: Config) -> None:
                     return
 
         nursery.start_soon(on_signal)
-        await run_server(config, shutdown=shutdown)
+        await run_server(config, shutdown=shutdown, process_started_monotonic=process_started_monotonic())
         nursery.cancel_scope.cancel()
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any
+from contextlib import closing
+from typing import Any, Iterator
 
 import lmdb
 import msgpack
@@ -45,6 +46,19 @@ def _entry_events(data: bytes) -> list[Event]:
     """The events of one log entry: a list (one commit), or one event map (older versions)."""
     value = _unpack(data)
     return value if isinstance(value, list) else [value]
+
+
+def _checked_entry_events(key: bytes, data: bytes) -> list[Event]:
+    """The events of the entry stored under `key`, each checked as it is read back: well formed
+    (`check_event`) and holding consecutive seqs from the key's."""
+    entry_seq = _SEQ.unpack(key)[0]
+    events = _entry_events(data)
+    expected = entry_seq
+    for event in events:
+        check_event(event)
+        assert event["seq"] == expected, f"log entry {entry_seq} holds seq {event['seq']} where {expected} belongs"
+        expected += 1
+    return events
 
 
 class StorageError(Exception):
@@ -130,32 +144,40 @@ class LmdbStorage:
     def read(self, from_seq: int, limit: int, through_seq: int | None = None) -> list[Event]:
         """Up to `limit` events with `from_seq <= seq <= through_seq`, in seq order."""
         events: list[Event] = []
-        from_seq = max(from_seq, 1)
-        with self._env.begin(db=self._log) as txn:
-            cursor = txn.cursor()
-            # The entry holding `from_seq` starts at or before it.
-            if not cursor.set_range(_key(from_seq)):
-                if not cursor.last():
-                    return events
-            elif _SEQ.unpack(cursor.key())[0] > from_seq and not cursor.prev():
-                cursor.first()
-            for key, value in cursor:
-                entry_seq = _SEQ.unpack(key)[0]
-                if through_seq is not None and entry_seq > through_seq:
-                    break
-                expected = entry_seq
-                for event in _entry_events(value):
-                    check_event(event)
-                    assert event["seq"] == expected, f"log entry {entry_seq} holds seq {event['seq']} where {expected} belongs"
-                    expected += 1
-                    if event["seq"] < from_seq:
-                        continue
+        with closing(self.read_entries(from_seq)) as entries:  # ends the read transaction on return
+            for entry in entries:
+                for event in entry:
                     if through_seq is not None and event["seq"] > through_seq:
                         return events
                     events.append(event)
                     if len(events) >= limit:
                         return events
         return events
+
+    def read_entries(self, from_seq: int) -> Iterator[list[Event]]:
+        """The events from `from_seq` to the end of the log, one list per log entry (the first
+        one without the events before `from_seq`), in seq order, each event checked as it is
+        read back. Every entry is unpacked once, in one read transaction, as late as the
+        caller asks for it: recovery iterates the whole log this way."""
+        from_seq = max(from_seq, 1)
+        with self._env.begin(db=self._log) as txn:
+            cursor = txn.cursor()
+            # The entry holding `from_seq` starts at or before it.
+            if not cursor.set_range(_key(from_seq)):
+                if not cursor.last():
+                    return
+            elif _SEQ.unpack(cursor.key())[0] > from_seq and not cursor.prev():
+                cursor.first()
+            first = True
+            for key, value in cursor:
+                events = _checked_entry_events(key, value)
+                if first:
+                    first = False
+                    if events[0]["seq"] < from_seq:
+                        events = [event for event in events if event["seq"] >= from_seq]
+                        if not events:
+                            continue
+                yield events
 
     def save_snapshot(self, snapshot: dict[str, Any], keep: int = 2) -> None:
         """Store a full-state snapshot under its seq and drop all but the newest `keep`."""

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import re
 
+import lmdb
+import msgpack
+import pytest
 import trio
 
 from protocol import Client, ServerError, open_trio_client
-from engine.server import RunningServer
+from engine.core import State, apply_event
+from engine.recovery import recover
+from engine.server import GC_GENERATION0_THRESHOLD, RunningServer
+from engine.storage import LmdbStorage
 
 SKUS = [("sku-1", "w1"), ("sku-2", "w1"), ("sku-3", "w2"), ("sku-4", "w2")]
 STOCK = 400
@@ -91,6 +99,36 @@ def test_expired_while_down_is_expired_on_recovery(server_process):
     assert restarted.terminate() == 0
 
 
+def test_restart_logs_its_start_up_time_and_replay_rate(server_process):
+    server = server_process()
+    with Client("127.0.0.1", server.port) as client:
+        client.adjust("stock", "sku", "w", 5, "receipt")
+        client.reserve("r", [("sku", "w", 2)])
+    server.kill()
+    restarted = server_process()
+    with Client("127.0.0.1", restarted.port) as client:
+        assert client.get("sku", "w")["reserved"] == 2
+    match = re.search(
+        r"started in (\d+\.\d+) s \((\d+) records/s from process start\): recovered seq 2 "
+        r"\(snapshot at 0, replayed 2 records in (\d+\.\d+) s, \d+ records/s\)",
+        restarted.log_text(),
+    )
+    assert match, restarted.log_text()
+    started_seconds, recovery_seconds = float(match.group(1)), float(match.group(3))
+    # Counted from the process's start: the interpreter and the imports come before recovery.
+    assert 0 < started_seconds < 20 and recovery_seconds <= started_seconds
+    assert restarted.terminate() == 0
+
+
+async def test_recovery_leaves_the_state_frozen_and_the_collector_tuned(start_server):
+    frozen_before = gc.get_freeze_count()
+    running = await start_server()
+    assert gc.isenabled()
+    assert gc.get_threshold()[0] == GC_GENERATION0_THRESHOLD
+    assert gc.get_freeze_count() > frozen_before
+    assert running.engine.state.seq == 0
+
+
 def test_clean_shutdown_writes_a_snapshot_and_restart_replays_nothing(server_process):
     server = server_process()
     with Client("127.0.0.1", server.port) as client:
@@ -153,3 +191,101 @@ async def test_restart_from_snapshot_plus_log_has_exactly_the_same_state(start_s
 async def _stop_without_snapshot(running: RunningServer) -> None:
     running.engine.last_snapshot_seq = running.engine.state.seq  # nothing new to snapshot
     await running.aclose()
+
+
+# -- replay straight from the log's entries ------------------------------------------------------
+
+
+def _reserved(seq: int, rid: str, qty: int = 1) -> dict:
+    return {
+        "seq": seq, "ts_ms": 1000 + seq, "type": "reserved", "rid": rid, "lines": [{"sku": "s", "loc": "l", "qty": qty}],
+        "ttl_ms": 0, "expires_at_ms": None, "ref": None,
+    }
+
+
+def _released(seq: int, rid: str) -> dict:
+    return {"seq": seq, "ts_ms": 1000 + seq, "type": "released", "rid": rid, "lines": [{"sku": "s", "loc": "l", "qty": 1}]}
+
+
+def _adjusted(seq: int) -> dict:
+    return {"seq": seq, "ts_ms": 1000 + seq, "type": "adjusted", "key": f"k{seq}", "sku": "s", "loc": "l", "delta": 100, "reason": "receipt"}
+
+
+def _mixed_log() -> list[list[dict]]:
+    """Entries as different versions wrote them: single event maps (one entry per event) and
+    arrays (one entry per group commit), interleaved."""
+    return [
+        [_adjusted(1)],
+        [_reserved(2, "a"), _reserved(3, "b"), _reserved(4, "c")],
+        [_released(5, "a")],
+        [_reserved(6, "d")],
+        [_released(7, "b"), _reserved(8, "e", 2)],
+    ]
+
+
+def _write_entries(path: str, entries: list[list[dict]], single_map_entries: set[int]) -> None:
+    """Write log entries directly through LMDB, the way `LmdbStorage` lays them out."""
+    env = lmdb.open(path, map_size=64 * 1024**2, subdir=True, max_dbs=4)
+    log_db = env.open_db(b"log")
+    with env.begin(write=True, db=log_db) as txn:
+        for index, events in enumerate(entries):
+            value = events[0] if index in single_map_entries else events
+            assert index not in single_map_entries or len(events) == 1
+            txn.put(events[0]["seq"].to_bytes(8, "big"), msgpack.packb(value, use_bin_type=True))
+    env.close()
+
+
+def _expected_state(entries: list[list[dict]], through_seq: int):
+    state = State()
+    for events in entries:
+        for event in events:
+            if event["seq"] <= through_seq:
+                apply_event(state, event)
+    return state
+
+
+def test_replay_reads_old_single_event_entries_mixed_with_batch_entries(tmp_path):
+    path = str(tmp_path / "lmdb")
+    entries = _mixed_log()
+    _write_entries(path, entries, single_map_entries={0, 2, 3})
+    storage = LmdbStorage(path, 64 * 1024**2)
+    try:
+        assert storage.last_seq == 8
+        assert [event["seq"] for event in storage.read(1, 100)] == list(range(1, 9))
+        assert [len(entry) for entry in storage.read_entries(3)] == [2, 1, 1, 2]  # from inside an entry
+        state, replayed = recover(storage)
+        assert replayed == 8 and state.seq == 8
+        assert state.to_snapshot() == _expected_state(entries, 8).to_snapshot()
+        assert state.stock("s", "l").reserved == 1 + 1 + 2  # c, d, e held
+        # A snapshot taken inside a batch entry: replay starts in the middle of that entry.
+        storage.save_snapshot(_expected_state(entries, 3).to_snapshot())
+        state, replayed = recover(storage)
+        assert replayed == 5 and state.to_snapshot() == _expected_state(entries, 8).to_snapshot()
+    finally:
+        storage.close()
+
+
+def test_replay_refuses_a_gap_between_entries(tmp_path):
+    path = str(tmp_path / "lmdb")
+    entries = _mixed_log()
+    del entries[2]  # seq 5 is missing
+    _write_entries(path, entries, single_map_entries={0})
+    storage = LmdbStorage(path, 64 * 1024**2)
+    try:
+        with pytest.raises(RuntimeError, match="gap: replay needs seq 5"):
+            recover(storage)
+    finally:
+        storage.close()
+
+
+def test_replay_checks_every_event_it_reads_back(tmp_path):
+    path = str(tmp_path / "lmdb")
+    entries = _mixed_log()
+    del entries[3][0]["ttl_ms"]  # a malformed record in the middle of the log
+    _write_entries(path, entries, single_map_entries={3})
+    storage = LmdbStorage(path, 64 * 1024**2)
+    try:
+        with pytest.raises(AssertionError, match="lacks field 'ttl_ms'"):
+            recover(storage)
+    finally:
+        storage.close()

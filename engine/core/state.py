@@ -209,13 +209,12 @@ class State:
         for sku, loc, on_hand, reserved, last_seq in data["stocks"]:
             stock = state.stock_for_update(sku, loc)
             stock.on_hand, stock.reserved, stock.last_seq = on_hand, reserved, last_seq
+        # One loop turn per reservation (hundreds of thousands): positional arguments, `map`.
+        reservations = state.reservations
         for (rid, lines, ttl_ms, ref, expires_at_ms, created_at_ms, granted, status, closed_at_ms, committed, last_seq) in data["reservations"]:
-            state.reservations[rid] = Reservation(
-                rid=rid, lines=tuple(tuple(line) for line in lines), ttl_ms=ttl_ms, ref=ref,
-                expires_at_ms=expires_at_ms, created_at_ms=created_at_ms, granted_available=tuple(granted),
-                state=status, closed_at_ms=closed_at_ms,
-                committed=None if committed is None else tuple(tuple(line) for line in committed),
-                last_seq=last_seq,
+            reservations[rid] = Reservation(
+                rid, tuple(map(tuple, lines)), ttl_ms, ref, expires_at_ms, created_at_ms, tuple(granted),
+                status, closed_at_ms, None if committed is None else tuple(map(tuple, committed)), last_seq,
             )
         if data["format"] == 1:
             for key, old_fingerprint, reply, at_ms, last_seq in data["keys"]:
@@ -247,10 +246,12 @@ def _key_record_from_format_1(old_fingerprint: list, reply: dict[str, Any], at_m
 def held_by_stock(state: State) -> dict[StockKey, int]:
     """Sum of held reservation lines per SKU-location (what `reserved` must equal)."""
     held: dict[StockKey, int] = {}
+    held_qty = held.get
     for reservation in state.reservations.values():
         if reservation.state == HELD:
             for sku, loc, qty in reservation.lines:
-                held[(sku, loc)] = held.get((sku, loc), 0) + qty
+                key = (sku, loc)
+                held[key] = held_qty(key, 0) + qty
     return held
 
 
