@@ -36,6 +36,7 @@ class Outbox:
         self._waiting_targets: list[ReplyTarget] = []  # targets with a non-empty `waiting`
         self._dirty: list[ReplyTarget] = []  # targets with a non-empty `ready`
         self._flush_wanted = trio.Event()
+        self.connections_visited = 0  # by `release`: per commit, only those with replies waiting
 
     def deliver(self, target: ReplyTarget, reply: dict[str, Any]) -> None:
         """Queue one reply (a map with `id` and `seq`). It goes out once `seq` is durable."""
@@ -59,6 +60,7 @@ class Outbox:
         """The log is durable up to `durable_seq`: send every reply that waited for it."""
         assert durable_seq >= self.durable_seq, f"durable seq went back from {self.durable_seq} to {durable_seq}"
         self.durable_seq = durable_seq
+        self.connections_visited += len(self._waiting_targets)
         still_waiting = []
         for target in self._waiting_targets:
             waiting = target.waiting

@@ -311,6 +311,7 @@ class Engine:
             "requests": {kind.__name__.lower(): count for kind, count in self.requests.items()},
             "errors": dict(self.errors),
             "wal": self.wal.stats(),
+            "outbox_connections_visited": self.outbox.connections_visited,
         }
 
 

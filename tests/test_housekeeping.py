@@ -103,6 +103,25 @@ async def test_log_is_trimmed_after_a_snapshot_and_watch_says_what_is_gone(start
         assert again.engine.state.stock("sku", "w").on_hand == 6
 
 
+async def test_a_commit_visits_only_the_connections_with_replies_waiting_for_it(start_server):
+    server = await start_server()
+    with trio.fail_after(TIMEOUT_SECONDS):
+        idle = [await trio.open_tcp_stream(server.host, server.port) for _ in range(200)]
+        async with open_trio_client(server.host, server.port) as client:
+            await client.adjust("k-0", "sku", "w", 100, "receipt")
+            before = server.engine.outbox.connections_visited
+            commits_before = server.engine.wal.commits
+            for index in range(20):
+                await client.reserve(f"r-{index}", [("sku", "w", 1)])
+            visited = server.engine.outbox.connections_visited - before
+            commits = server.engine.wal.commits - commits_before
+        for stream in idle:
+            await stream.aclose()
+        # One connection had replies waiting; 200 idle ones were open all along.
+        assert commits >= 20
+        assert visited <= commits, (visited, commits)
+
+
 async def test_a_client_that_writes_everything_before_reading_is_still_read(start_server):
     """Megabytes of pipelined requests with large replies, all written before the client reads a
     byte: the server keeps reading while it owes fewer replies than its bound, even though the
