@@ -33,7 +33,7 @@ from protocol import MUTATING_COMMANDS, Adjust, AdjustBatch, Commit, Count, Coun
 
 from .config import Config
 from .coordinator import MultiLineHold
-from .core import Expire, Forget, State, StockKey, apply
+from .core import HELD, RECORD_STATE, Expire, Forget, Reservation, State, StockKey, apply
 from .core.events import EXTENDED, RESERVED
 from .expiry import ExpiryScheduler
 from .outbox import Outbox
@@ -92,8 +92,8 @@ class Engine:
         self.errors = Counter()
         self.started_at_ms = clock_ms()
         self.last_snapshot_seq = 0
-        for reservation in state.reservations.values():
-            if reservation.state == "held" and reservation.expires_at_ms is not None:
+        for reservation in map(Reservation.from_record, state.reservations.values()):
+            if reservation.state == HELD and reservation.expires_at_ms is not None:
                 self.expiry.schedule(reservation.expires_at_ms, reservation.rid)
 
     # -- entry point -------------------------------------------------------------------------
@@ -297,7 +297,7 @@ class Engine:
             "applied_seq": self.state.seq,
             "stocks": len(self.state.stocks),
             "reservations": len(self.state.reservations),
-            "held": sum(1 for r in self.state.reservations.values() if r.state == "held"),
+            "held": sum(1 for record in self.state.reservations.values() if record[RECORD_STATE] == HELD),
             "keys": len(self.state.keys),
             "owners": self.owners.owner_count,
             "owner_messages": self.owners.messages_processed,

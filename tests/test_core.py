@@ -320,7 +320,7 @@ def test_commit_lines_naming_a_foreign_sku_location_or_above_the_held_qty_are_in
     reply, events = do(state, Commit("r1", lines))
     assert reply == {"ok": False, "error": "invalid"}
     assert events == [] and state.seq == seq
-    assert state.reservations["r1"].state == HELD
+    assert state.reservation("r1").state == HELD
     assert figures(state, "A", "X") == (10, 5, 5)
     assert ok(state, Commit("r1"))["lines"] == [{"sku": "A", "loc": "X", "qty": 5}]
 
@@ -414,7 +414,7 @@ def test_a_rid_op_past_expires_at_expires_the_reservation_first(command, expecte
     assert reply == expected
     assert types(events) == ["expired"]
     assert events[0]["rid"] == "r1" and events[0]["lines"] == [{"sku": "A", "loc": "X", "qty": 4}]
-    assert state.reservations["r1"].state == EXPIRED
+    assert state.reservation("r1").state == EXPIRED
     assert figures(state, "A", "X") == (10, 0, 10)
 
 

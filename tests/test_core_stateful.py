@@ -615,7 +615,7 @@ class CoreMachine(RuleBasedStateMachine):
         for key in STOCKS:
             stock = self.state.stock(*key)
             assert (stock.on_hand, stock.reserved, stock.available) == tuple(self.figures(key).values()), key
-        assert {rid: r.state for rid, r in self.state.reservations.items()} == {rid: r.state for rid, r in self.reservations.items()}
+        assert {rid: self.state.reservation(rid).state for rid in self.state.reservations} == {rid: r.state for rid, r in self.reservations.items()}
         assert set(self.state.keys) == set(self.keys)
         assert [event["seq"] for event in self.log] == list(range(1, len(self.log) + 1))
         assert self.state.seq == len(self.log)

@@ -794,7 +794,7 @@ def test_random_valid_operations_keep_the_invariants(
         assert {key: (stock.on_hand, stock.reserved) for key, stock in log.state.stocks.items()} == {
             key: (stock.on_hand, stock.reserved) for key, stock in state.stocks.items()
         }, "replaying the log does not give the engine's stock"
-        assert {rid: r.state for rid, r in log.state.reservations.items()} == {rid: r.state for rid, r in state.reservations.items()}
+        assert {rid: log.state.reservation(rid).state for rid in log.state.reservations} == {rid: state.reservation(rid).state for rid in state.reservations}
         for request_id, request in numbered.items():
             check_reply_against_log(log, request, replies[request_id][0])
         shortage_allowed = {(request["sku"], request["loc"]) for request in requests if request["op"] in ("adjust", "count")}

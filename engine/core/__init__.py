@@ -11,6 +11,7 @@ from .state import (
     EXPIRED,
     HELD,
     RELEASED,
+    RECORD_STATE,
     KeyRecord,
     Reservation,
     State,

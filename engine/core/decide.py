@@ -34,7 +34,10 @@ from .events import (
     line_maps,
     transfer_fingerprint,
 )
-from .state import COMMITTED, EXPIRED, HELD, RELEASED, ZERO_STOCK, KeyRecord, Reservation, State, packed_key_at_ms, reserve_fingerprint
+from .state import (
+    COMMITTED, EXPIRED, HELD, RELEASED, RECORD_CLOSED_AT_MS, RECORD_STATE, ZERO_STOCK, KeyRecord, Reservation, State,
+    packed_key_at_ms, reserve_fingerprint,
+)
 
 Reply = dict[str, Any]
 
@@ -102,7 +105,7 @@ def _error(seq: int, code: str, message: str, **details: Any) -> Reply:
 def _reserve(context: _Context, command: Reserve) -> Reply:
     lines = command.lines  # `Line`s are (sku, loc, qty) tuples
     state = context.state
-    existing = state.reservations.get(command.rid)
+    existing = state.reservation(command.rid)
     if existing is not None:
         if existing.fingerprint() != reserve_fingerprint(lines, command.ttl_ms, command.ref):
             return _error(existing.last_seq, codes.CONFLICT, f"rid {command.rid!r} was already used for a different reservation")
@@ -132,7 +135,7 @@ def _reserve(context: _Context, command: Reserve) -> Reply:
         return _error(seq, codes.INSUFFICIENT, f"{len(short)} of {len(lines)} lines cannot be held", lines=short)
     expires_at_ms = context.now_ms + command.ttl_ms if command.ttl_ms else None
     context.emit(RESERVED, rid=command.rid, lines=line_maps(lines), ttl_ms=command.ttl_ms, expires_at_ms=expires_at_ms, ref=command.ref)
-    return _reserve_reply(state.reservations[command.rid])
+    return _reserve_reply(state.reservation(command.rid))
 
 
 def _reserve_reply(reservation: Reservation) -> Reply:
@@ -148,13 +151,14 @@ def _reserve_reply(reservation: Reservation) -> Reply:
 def _open_reservation(context: _Context, rid: str) -> Reservation | Reply:
     """The reservation, after expiring it if its time has passed (a late timer must not let a
     commit or extend through after `expires_at_ms`); or a `not_found` reply."""
-    reservation = context.state.reservations.get(rid)
+    reservation = context.state.reservation(rid)
     if reservation is None:
         # seq = everything applied: an unknown rid may have been forgotten by a `forgotten` event
         # still in flight, and a crash must not bring back what this reply said is gone.
         return _error(context.state.seq, codes.NOT_FOUND, f"no reservation with rid {rid!r}")
     if reservation.state == HELD and reservation.expires_at_ms is not None and reservation.expires_at_ms <= context.now_ms:
         context.emit(EXPIRED, rid=rid, lines=line_maps(reservation.lines))
+        reservation = context.state.reservation(rid)  # as the expiry left it
     return reservation
 
 
@@ -174,7 +178,7 @@ def _release(context: _Context, command: Release) -> Reply:
     if reservation.state != HELD:
         return _wrong_state(reservation, "release")
     context.emit(RELEASED, rid=reservation.rid, lines=line_maps(reservation.lines))
-    return {"ok": True, "rid": reservation.rid, "state": RELEASED, "seq": reservation.last_seq}
+    return {"ok": True, "rid": reservation.rid, "state": RELEASED, "seq": context.state.seq}
 
 
 def _commit(context: _Context, command: Commit) -> Reply:
@@ -208,7 +212,7 @@ def _commit(context: _Context, command: Commit) -> Reply:
             )
     committed = tuple((sku, loc, shipped.get((sku, loc), 0)) for sku, loc, _ in reservation.lines)
     context.emit(COMMITTED, rid=reservation.rid, lines=line_maps(committed))
-    return _ok(reservation.last_seq, rid=reservation.rid, state=COMMITTED, lines=line_maps(committed))
+    return _ok(context.state.seq, rid=reservation.rid, state=COMMITTED, lines=line_maps(committed))
 
 
 def _extend(context: _Context, command: Extend) -> Reply:
@@ -219,7 +223,7 @@ def _extend(context: _Context, command: Extend) -> Reply:
         return _wrong_state(reservation, "extend")
     expires_at_ms = context.now_ms + command.ttl_ms
     context.emit(EXTENDED, rid=reservation.rid, ttl_ms=command.ttl_ms, expires_at_ms=expires_at_ms)
-    return _ok(reservation.last_seq, rid=reservation.rid, expires_at_ms=expires_at_ms)
+    return _ok(context.state.seq, rid=reservation.rid, expires_at_ms=expires_at_ms)
 
 
 def _lookup(context: _Context, command: Lookup) -> Reply:
@@ -243,10 +247,14 @@ def _expire(context: _Context, command: Expire) -> Reply:
 
 
 def _forget(context: _Context, command: Forget) -> Reply:
-    rids = [
-        r.rid for r in context.state.reservations.values()
-        if r.state != HELD and r.closed_at_ms is not None and r.closed_at_ms < command.closed_before_ms
-    ][: command.limit]
+    cutoff_ms = command.closed_before_ms
+    rids = list(islice(
+        (
+            rid for rid, record in context.state.reservations.items()
+            if record[RECORD_STATE] != HELD and record[RECORD_CLOSED_AT_MS] is not None and record[RECORD_CLOSED_AT_MS] < cutoff_ms
+        ),
+        command.limit,
+    ))
     keys = list(islice(
         (key for key, packed in context.state.keys.items() if packed_key_at_ms(packed) < command.closed_before_ms),
         command.limit,

@@ -13,11 +13,16 @@ from .state import (
     COMMITTED,
     EXPIRED,
     HELD,
+    RECORD_EXPIRES_AT_MS,
+    RECORD_HEAD,
+    RECORD_LAST_SEQ,
+    RECORD_PER_LINE,
+    RECORD_STATE,
     RELEASED,
     KeyRecord,
-    Reservation,
     State,
     fingerprint,
+    record_lines,
     reserve_fingerprint,
 )
 
@@ -95,26 +100,28 @@ def apply_event(state: State, event: Event) -> State:
 def _apply_reserved(state: State, event: Event) -> None:
     rid, seq = event["rid"], event["seq"]
     assert rid not in state.reservations, f"event {seq}: rid {rid!r} reserved twice"
-    lines = line_tuples(event["lines"])
     stocks = state.stocks
-    granted = []
-    for sku, loc, qty in lines:
+    body: list = []
+    for line in event["lines"]:
+        sku, loc, qty = line["sku"], line["loc"], line["qty"]
         stock = stocks.get((sku, loc)) or state.stock_for_update(sku, loc)
         stock.reserved += qty
         stock.last_seq = seq
-        granted.append(stock.on_hand - stock.reserved)
-    state.reservations[rid] = Reservation(
-        rid, lines, event["ttl_ms"], event["ref"], event["expires_at_ms"], event["ts_ms"], tuple(granted), HELD, None, None, seq,
-    )
+        body += (sku, loc, qty, stock.on_hand - stock.reserved, 0)
+    # A flat `Reservation` record (see `Reservation`).
+    head = (rid, event["ttl_ms"], event["ref"], event["expires_at_ms"], event["ts_ms"], HELD, None, seq, False)
+    state.reservations[rid] = head + tuple(body)
 
 
 def _close(state: State, event: Event, new_state: str, committed: tuple | None) -> None:
     seq = event["seq"]
-    reservation = state.reservations[event["rid"]]
-    assert reservation.state == HELD, f"event {seq}: {new_state} of a {reservation.state} reservation"
-    committed_qty = {(sku, loc): qty for sku, loc, qty in committed} if committed else None
+    record = state.reservations[event["rid"]]
+    status = record[RECORD_STATE]
+    assert status == HELD, f"event {seq}: {new_state} of a {status} reservation"
+    committed_qty = {(sku, loc): qty for sku, loc, qty in committed} if committed is not None else None
     stocks = state.stocks
-    for sku, loc, qty in reservation.lines:
+    body = list(record[RECORD_HEAD:])
+    for index, (sku, loc, qty) in enumerate(record_lines(record)):
         stock = stocks[(sku, loc)]
         stock.reserved -= qty
         stock.last_seq = seq
@@ -124,10 +131,9 @@ def _close(state: State, event: Event, new_state: str, committed: tuple | None) 
             assert 0 <= shipped <= qty, f"event {seq}: commits {shipped} of a {qty} hold"
             stock.on_hand -= shipped
             assert stock.on_hand >= 0, f"event {seq}: on_hand below zero at {(sku, loc)}"
-    reservation.state = new_state
-    reservation.closed_at_ms = event["ts_ms"]
-    reservation.committed = committed
-    reservation.last_seq = seq
+            body[index * RECORD_PER_LINE + 4] = shipped
+    head = record[:RECORD_STATE] + (new_state, event["ts_ms"], seq, committed is not None)
+    state.reservations[event["rid"]] = head + (record[RECORD_HEAD:] if committed_qty is None else tuple(body))
 
 
 def _apply_released(state: State, event: Event) -> None:
@@ -143,12 +149,14 @@ def _apply_committed(state: State, event: Event) -> None:
 
 
 def _apply_extended(state: State, event: Event) -> None:
-    reservation = state.reservations[event["rid"]]
-    assert reservation.state == HELD
+    record = state.reservations[event["rid"]]
+    assert record[RECORD_STATE] == HELD
     # `ttl_ms` stays the one the reserve asked for: it is part of the reserve's fingerprint, so a
     # retry of the original reserve after an extend is still a duplicate, not a conflict.
-    reservation.expires_at_ms = event["expires_at_ms"]
-    reservation.last_seq = event["seq"]
+    state.reservations[event["rid"]] = (
+        record[:RECORD_EXPIRES_AT_MS] + (event["expires_at_ms"],) + record[RECORD_EXPIRES_AT_MS + 1 : RECORD_LAST_SEQ]
+        + (event["seq"],) + record[RECORD_LAST_SEQ + 1 :]
+    )
 
 
 # A used key is remembered as a `KeyRecord`: the payload's fingerprint and the figures after the
@@ -235,8 +243,8 @@ def _apply_transferred(state: State, event: Event) -> None:
 
 def _apply_forgotten(state: State, event: Event) -> None:
     for rid in event["rids"]:
-        reservation = state.reservations.pop(rid)
-        assert reservation.state != HELD, f"event {event['seq']}: forgot held reservation {rid!r}"
+        record = state.reservations.pop(rid)
+        assert record[RECORD_STATE] != HELD, f"event {event['seq']}: forgot held reservation {rid!r}"
     for key in event["keys"]:
         del state.keys[key]
 

@@ -48,8 +48,17 @@ class Stock:
 ZERO_STOCK = Stock()
 
 
-@dataclass(slots=True)
-class Reservation:
+class Reservation(NamedTuple):
+    """One reservation, as read from `State.reservations` (`State.reservation(rid)`).
+
+    The state keeps each reservation as a flat record (`record()`): one tuple of strings,
+    numbers and None, with no object of a class of ours and no tuple inside. The cyclic garbage
+    collector stops tracking such a tuple the first time it scans it; an object, or a tuple
+    holding a tuple, stays tracked and was rescanned by collection after collection (closed
+    reservations stay for the id retention: millions of them, and generation-1 collections of
+    100 ms under load). Change a reservation only in `events`, by storing a new record.
+    """
+
     rid: str
     lines: tuple[LineTuple, ...]
     ttl_ms: int
@@ -65,6 +74,44 @@ class Reservation:
 
     def fingerprint(self) -> tuple:
         return reserve_fingerprint(self.lines, self.ttl_ms, self.ref)
+
+    def record(self) -> tuple:
+        """The flat record the state stores: the head fields, then five per line."""
+        committed_qty = [qty for _, _, qty in self.committed] if self.committed is not None else [0] * len(self.lines)
+        body: list = []
+        for (sku, loc, qty), granted, shipped in zip(self.lines, self.granted_available, committed_qty):
+            body += (sku, loc, qty, granted, shipped)
+        head = (
+            self.rid, self.ttl_ms, self.ref, self.expires_at_ms, self.created_at_ms,
+            self.state, self.closed_at_ms, self.last_seq, self.committed is not None,
+        )
+        return head + tuple(body)
+
+    @classmethod
+    def from_record(cls, record: tuple) -> "Reservation":
+        rid, ttl_ms, ref, expires_at_ms, created_at_ms, status, closed_at_ms, last_seq, has_committed = record[:RECORD_HEAD]
+        skus, locs = record[RECORD_HEAD::RECORD_PER_LINE], record[RECORD_HEAD + 1 :: RECORD_PER_LINE]
+        lines = tuple(zip(skus, locs, record[RECORD_HEAD + 2 :: RECORD_PER_LINE]))
+        committed = tuple(zip(skus, locs, record[RECORD_HEAD + 4 :: RECORD_PER_LINE])) if has_committed else None
+        granted = record[RECORD_HEAD + 3 :: RECORD_PER_LINE]
+        return cls(rid, lines, ttl_ms, ref, expires_at_ms, created_at_ms, granted, status, closed_at_ms, committed, last_seq)
+
+
+# The flat reservation record: these head fields, then (sku, loc, qty, granted available,
+# committed qty) per line. `events` builds and changes records; everything else reads them
+# through `Reservation.from_record`, or these positions in loops over all of them.
+RECORD_HEAD = 9
+RECORD_PER_LINE = 5
+RECORD_EXPIRES_AT_MS = 3
+RECORD_STATE = 5
+RECORD_CLOSED_AT_MS = 6
+RECORD_LAST_SEQ = 7
+RECORD_HAS_COMMITTED = 8
+
+
+def record_lines(record: tuple):
+    """(sku, loc, qty) of each line of a reservation record."""
+    return zip(record[RECORD_HEAD::RECORD_PER_LINE], record[RECORD_HEAD + 1 :: RECORD_PER_LINE], record[RECORD_HEAD + 2 :: RECORD_PER_LINE])
 
 
 def reserve_fingerprint(lines: tuple[LineTuple, ...], ttl_ms: int, ref: str | None) -> tuple:
@@ -145,12 +192,17 @@ class State:
     # a location is added once, when its stock is created, and a small set costs 216 to 728
     # bytes where a list costs 64 to 120.
     locations: dict[str, list[str]] = field(default_factory=dict)
-    reservations: dict[str, Reservation] = field(default_factory=dict)
+    reservations: dict[str, tuple] = field(default_factory=dict)  # rid -> Reservation record
     keys: dict[str, bytes] = field(default_factory=dict)  # key -> packed KeyRecord
 
     def stock(self, sku: str, loc: str) -> Stock:
         """The SKU-location's stock; an unknown one reads as zeros (and is not created)."""
         return self.stocks.get((sku, loc), ZERO_STOCK)
+
+    def reservation(self, rid: str) -> Reservation | None:
+        """The reservation `rid`, or None."""
+        record = self.reservations.get(rid)
+        return None if record is None else Reservation.from_record(record)
 
     def stock_for_update(self, sku: str, loc: str) -> Stock:
         """The SKU-location's stock, created (zeros) on first use."""
@@ -195,7 +247,7 @@ class State:
                     list(r.granted_available), r.state, r.closed_at_ms,
                     None if r.committed is None else [list(line) for line in r.committed], r.last_seq,
                 )
-                for r in self.reservations.values()
+                for r in map(Reservation.from_record, self.reservations.values())
             ],
             "keys": list(self.keys.items()),  # (key, packed KeyRecord)
         }
@@ -215,7 +267,7 @@ class State:
             reservations[rid] = Reservation(
                 rid, tuple(map(tuple, lines)), ttl_ms, ref, expires_at_ms, created_at_ms, tuple(granted),
                 status, closed_at_ms, None if committed is None else tuple(map(tuple, committed)), last_seq,
-            )
+            ).record()
         if data["format"] == 1:
             for key, old_fingerprint, reply, at_ms, last_seq in data["keys"]:
                 state.keys[key] = _key_record_from_format_1(old_fingerprint, reply, at_ms, last_seq).pack()
@@ -247,9 +299,9 @@ def held_by_stock(state: State) -> dict[StockKey, int]:
     """Sum of held reservation lines per SKU-location (what `reserved` must equal)."""
     held: dict[StockKey, int] = {}
     held_qty = held.get
-    for reservation in state.reservations.values():
-        if reservation.state == HELD:
-            for sku, loc, qty in reservation.lines:
+    for record in state.reservations.values():
+        if record[RECORD_STATE] == HELD:
+            for sku, loc, qty in record_lines(record):
                 key = (sku, loc)
                 held[key] = held_qty(key, 0) + qty
     return held
