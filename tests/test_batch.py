@@ -299,7 +299,7 @@ def test_replay_of_batch_events_reproduces_the_state_and_snapshots_round_trip() 
         apply_event(replayed, event)
     assert replayed.to_snapshot() == state.to_snapshot()
     snapshot = msgpack.unpackb(msgpack.packb(state.to_snapshot(), use_bin_type=True), raw=False, strict_map_key=False)
-    assert snapshot["format"] == SNAPSHOT_FORMAT == 2
+    assert snapshot["format"] == SNAPSHOT_FORMAT == 3
     restored = State.from_snapshot(snapshot)
     assert restored.to_snapshot() == state.to_snapshot()
     # The restored state answers retries exactly as the original does.
@@ -359,7 +359,7 @@ FORMAT_1_SNAPSHOT = {
 def test_a_format_1_snapshot_is_converted_and_its_keys_still_answer_retries() -> None:
     state = State.from_snapshot(FORMAT_1_SNAPSHOT)
     assert state.seq == 4 and figures(state, "A", "X") == (8, 3, 5)
-    assert state.to_snapshot()["format"] == 2
+    assert state.to_snapshot()["format"] == SNAPSHOT_FORMAT
     retries = {
         Adjust("k-adjust", "A", "X", 10, "receipt"): {"ok": True, "sku": "A", "loc": "X", "on_hand": 10, "reserved": 0, "available": 10, "duplicate": True, "seq": 1},
         Count("k-count", "A", "Y", 7): {"ok": True, "sku": "A", "loc": "Y", "on_hand": 7, "reserved": 0, "available": 7, "variance": 7, "duplicate": True, "seq": 3},
@@ -379,7 +379,7 @@ def test_a_format_1_snapshot_is_converted_and_its_keys_still_answer_retries() ->
 
 def test_an_unknown_snapshot_format_is_refused() -> None:
     with pytest.raises(ValueError, match="unsupported snapshot format"):
-        State.from_snapshot({**FORMAT_1_SNAPSHOT, "format": 3})
+        State.from_snapshot({**FORMAT_1_SNAPSHOT, "format": 4})
 
 
 def test_query_lists_locations_sorted_whatever_order_they_appeared_in() -> None:

@@ -120,7 +120,7 @@ def _close(state: State, event: Event, new_state: str, committed: tuple | None) 
     assert status == HELD, f"event {seq}: {new_state} of a {status} reservation"
     committed_qty = {(sku, loc): qty for sku, loc, qty in committed} if committed is not None else None
     stocks = state.stocks
-    body = list(record[RECORD_HEAD:])
+    body = list(record[RECORD_HEAD:]) if committed_qty is not None else None
     for index, (sku, loc, qty) in enumerate(record_lines(record)):
         stock = stocks[(sku, loc)]
         stock.reserved -= qty
@@ -133,7 +133,7 @@ def _close(state: State, event: Event, new_state: str, committed: tuple | None) 
             assert stock.on_hand >= 0, f"event {seq}: on_hand below zero at {(sku, loc)}"
             body[index * RECORD_PER_LINE + 4] = shipped
     head = record[:RECORD_STATE] + (new_state, event["ts_ms"], seq, committed is not None)
-    state.reservations[event["rid"]] = head + (record[RECORD_HEAD:] if committed_qty is None else tuple(body))
+    state.reservations[event["rid"]] = head + (record[RECORD_HEAD:] if body is None else tuple(body))
 
 
 def _apply_released(state: State, event: Event) -> None:

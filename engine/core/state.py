@@ -22,8 +22,8 @@ RESERVATION_STATES = (HELD, COMMITTED, RELEASED, EXPIRED)
 
 # 2: a used key is a packed `KeyRecord` (bytes), not its fingerprint tuple and reply map.
 # Format 1 snapshots are still read (converted on load), so existing data folders start.
-SNAPSHOT_FORMAT = 2
-SNAPSHOT_FORMATS_READ = (1, 2)
+SNAPSHOT_FORMAT = 3  # 3: reservations as their flat records; 2: nested, keys packed; 1: keys with replies
+SNAPSHOT_FORMATS_READ = (1, 2, 3)
 
 StockKey = tuple[str, str]  # (sku, loc)
 LineTuple = tuple[str, str, int]  # (sku, loc, qty)
@@ -107,6 +107,9 @@ RECORD_STATE = 5
 RECORD_CLOSED_AT_MS = 6
 RECORD_LAST_SEQ = 7
 RECORD_HAS_COMMITTED = 8
+
+
+_NOT_COMMITTED = [(None, None, 0)]  # the committed (sku, loc, qty) of a line never committed
 
 
 def record_lines(record: tuple):
@@ -241,33 +244,33 @@ class State:
             "format": SNAPSHOT_FORMAT,
             "seq": self.seq,
             "stocks": [(sku, loc, s.on_hand, s.reserved, s.last_seq) for (sku, loc), s in self.stocks.items()],
-            "reservations": [
-                (
-                    r.rid, [list(line) for line in r.lines], r.ttl_ms, r.ref, r.expires_at_ms, r.created_at_ms,
-                    list(r.granted_available), r.state, r.closed_at_ms,
-                    None if r.committed is None else [list(line) for line in r.committed], r.last_seq,
-                )
-                for r in map(Reservation.from_record, self.reservations.values())
-            ],
+            "reservations": list(self.reservations.values()),  # flat records (see `Reservation`)
             "keys": list(self.keys.items()),  # (key, packed KeyRecord)
         }
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any]) -> "State":
-        """The state a snapshot describes (format 2, or format 1 converted)."""
+        """The state a snapshot describes (format 3, or formats 1 and 2 converted)."""
         if data.get("format") not in SNAPSHOT_FORMATS_READ:
             raise ValueError(f"unsupported snapshot format {data.get('format')!r}")
         state = cls(seq=data["seq"])
         for sku, loc, on_hand, reserved, last_seq in data["stocks"]:
             stock = state.stock_for_update(sku, loc)
             stock.on_hand, stock.reserved, stock.last_seq = on_hand, reserved, last_seq
-        # One loop turn per reservation (hundreds of thousands): positional arguments, `map`.
         reservations = state.reservations
-        for (rid, lines, ttl_ms, ref, expires_at_ms, created_at_ms, granted, status, closed_at_ms, committed, last_seq) in data["reservations"]:
-            reservations[rid] = Reservation(
-                rid, tuple(map(tuple, lines)), ttl_ms, ref, expires_at_ms, created_at_ms, tuple(granted),
-                status, closed_at_ms, None if committed is None else tuple(map(tuple, committed)), last_seq,
-            ).record()
+        if data["format"] >= 3:
+            for record in data["reservations"]:
+                assert len(record) > RECORD_HEAD and (len(record) - RECORD_HEAD) % RECORD_PER_LINE == 0, f"bad reservation record {record[:1]!r}"
+                reservations[record[0]] = tuple(record)
+        # Formats 1 and 2 kept lines, granted figures and committed lines nested.
+        for (rid, lines, ttl_ms, ref, expires_at_ms, created_at_ms, granted, status, closed_at_ms, committed, last_seq) in (
+            data["reservations"] if data["format"] < 3 else ()
+        ):
+            body: list = []
+            for (sku, loc, qty), available, (_, _, shipped) in zip(lines, granted, committed or _NOT_COMMITTED * len(lines)):
+                body += (sku, loc, qty, available, shipped)
+            head = (rid, ttl_ms, ref, expires_at_ms, created_at_ms, status, closed_at_ms, last_seq, committed is not None)
+            reservations[rid] = head + tuple(body)
         if data["format"] == 1:
             for key, old_fingerprint, reply, at_ms, last_seq in data["keys"]:
                 state.keys[key] = _key_record_from_format_1(old_fingerprint, reply, at_ms, last_seq).pack()
