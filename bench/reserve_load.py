@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from loading import start_server  # bench/loading.py (this script's folder is on sys.path)
 from protocol import ClientProtocol, Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,25 +39,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--release-ratio", type=float, default=0.5, help="share of granted reserves released again")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "reserve_load.json"))
     return parser.parse_args()
-
-
-def start_server(data_dir: str) -> tuple[subprocess.Popen, int, Path]:
-    log_path = Path(data_dir) / "server.log"
-    log_file = open(log_path, "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--port", "0", "--data", data_dir],
-        cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        match = re.search(r"listening on [\d.]+:(\d+)", log_path.read_text())
-        if match:
-            return process, int(match.group(1)), log_path
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
-    process.kill()
-    raise SystemExit(f"server did not start:\n{log_path.read_text()}")
 
 
 class Tally:

@@ -10,7 +10,7 @@ import hashlib
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import msgpack
 
