@@ -27,6 +27,9 @@ def pack(message: dict[str, Any]) -> bytes:
     return frame(_PACKER.pack(message))
 
 
+_unpackb_strict = msgpack.unpackb  # raw=False, use_list=True, strict_map_key=True: the defaults
+
+
 def _unpack_body(body: bytes) -> Any:
     # raw=False: strings must be valid UTF-8. unpackb raises ExtraData on trailing bytes.
     return msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True)
@@ -91,7 +94,24 @@ class ServerProtocol:
     @staticmethod
     def _parse(body: bytes) -> ServerEvent:
         try:
-            message = _unpack_body(body)
+            # msgpack's defaults (strict map keys) cost less than passing options; a body they
+            # refuse is read again leniently, which names the problem as it always did.
+            message = _unpackb_strict(body)
+        except Exception:
+            message = ServerProtocol._unpack_lenient(body)
+            if type(message) is RequestRejected:
+                return message
+        try:
+            request_id, command = parse_request(message)
+        except errors.RequestError as error:
+            return RequestRejected(error.reply(), close=False)
+        return RequestReceived(request_id, command)
+
+    @staticmethod
+    def _unpack_lenient(body: bytes) -> Any:
+        """The decoded body (any map keys), or the rejection that says why it cannot be read."""
+        try:
+            return _unpack_body(body)
         except msgpack.ExtraData as error:
             return RequestRejected(
                 errors.error_reply(read_request_id(error.unpacked), errors.BAD_REQUEST, "frame has trailing bytes after the msgpack map"),
@@ -99,11 +119,6 @@ class ServerProtocol:
             )
         except Exception as error:  # any malformed body: msgpack, UTF-8, nesting, ...
             return RequestRejected(errors.error_reply(None, errors.BAD_REQUEST, f"frame body is not valid msgpack ({type(error).__name__}{': ' if str(error) else ''}{error})"), close=False)
-        try:
-            request_id, command = parse_request(message)
-        except errors.RequestError as error:
-            return RequestRejected(error.reply(), close=False)
-        return RequestReceived(request_id, command)
 
     @staticmethod
     def send(message: dict[str, Any]) -> bytes:
