@@ -114,6 +114,8 @@ _NOT_COMMITTED = [(None, None, 0)]  # the committed (sku, loc, qty) of a line ne
 
 def record_lines(record: tuple):
     """(sku, loc, qty) of each line of a reservation record."""
+    if len(record) == RECORD_HEAD + RECORD_PER_LINE:  # one line: the common case, without slicing
+        return ((record[RECORD_HEAD], record[RECORD_HEAD + 1], record[RECORD_HEAD + 2]),)
     return zip(record[RECORD_HEAD::RECORD_PER_LINE], record[RECORD_HEAD + 1 :: RECORD_PER_LINE], record[RECORD_HEAD + 2 :: RECORD_PER_LINE])
 
 
