@@ -10,7 +10,7 @@ requests never reach the core (a request they would block waits in the shell ins
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import islice
+from itertools import islice, takewhile
 from typing import Any, Callable
 
 from protocol import codes
@@ -262,10 +262,15 @@ def _forget(context: _Context, command: Forget) -> Reply:
         ),
         command.limit,
     ))
-    keys = list(islice(
-        (key for key, packed in context.state.keys.items() if packed_key_at_ms(packed) < command.closed_before_ms),
-        command.limit,
-    ))
+    # Keys are remembered in the order they were used, so the old ones come first: stop at the
+    # first recent one instead of scanning them all (a clock that stepped back only makes a key
+    # wait longer to be forgotten, never shorter).
+    keys = [
+        key for key, _ in islice(
+            takewhile(lambda item: packed_key_at_ms(item[1]) < cutoff_ms, context.state.keys.items()),
+            command.limit,
+        )
+    ]
     if rids or keys:
         context.emit(FORGOTTEN, rids=rids, keys=keys)
     return _ok(context.state.seq, rids=len(rids), keys=len(keys))
