@@ -40,9 +40,6 @@ class Owners:
     def queued(self) -> int:
         return sum(len(mailbox) for mailbox in self._mailboxes)
 
-    def owner_of(self, key: Hashable) -> int:
-        return hash(key) % self._owner_count
-
     def has_room(self, keys: Iterable[Hashable]) -> bool:
         """Whether a message for each key can be queued now (checked before sending any, so a
         multi-line request is either fully sent or refused as `overloaded`)."""

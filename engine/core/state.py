@@ -105,8 +105,7 @@ RECORD_PER_LINE = 5
 RECORD_EXPIRES_AT_MS = 3
 RECORD_STATE = 5
 RECORD_CLOSED_AT_MS = 6
-RECORD_LAST_SEQ = 7
-RECORD_HAS_COMMITTED = 8
+RECORD_LAST_SEQ = 7  # then, at 8: whether the lines carry committed quantities
 
 
 _NOT_COMMITTED = [(None, None, 0)]  # the committed (sku, loc, qty) of a line never committed
