@@ -66,8 +66,8 @@ class StorageError(Exception):
 
 
 class LmdbStorage:
-    """One LMDB environment in `path` with two databases: `log` (seq -> event) and
-    `snapshots` (seq -> full state)."""
+    """One LMDB environment in `path` with two databases: `log` (first seq of a group commit ->
+    its events) and `snapshots` (seq -> full state)."""
 
     def __init__(self, path: str, map_size_bytes: int):
         os.makedirs(path, exist_ok=True)

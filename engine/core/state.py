@@ -108,9 +108,6 @@ RECORD_CLOSED_AT_MS = 6
 RECORD_LAST_SEQ = 7  # then, at 8: whether the lines carry committed quantities
 
 
-_NOT_COMMITTED = [(None, None, 0)]  # the committed (sku, loc, qty) of a line never committed
-
-
 def record_lines(record: tuple):
     """(sku, loc, qty) of each line of a reservation record."""
     if len(record) == RECORD_HEAD + RECORD_PER_LINE:  # one line: the common case, without slicing
@@ -267,11 +264,10 @@ class State:
         for (rid, lines, ttl_ms, ref, expires_at_ms, created_at_ms, granted, status, closed_at_ms, committed, last_seq) in (
             data["reservations"] if data["format"] < 3 else ()
         ):
-            body: list = []
-            for (sku, loc, qty), available, (_, _, shipped) in zip(lines, granted, committed or _NOT_COMMITTED * len(lines)):
-                body += (sku, loc, qty, available, shipped)
-            head = (rid, ttl_ms, ref, expires_at_ms, created_at_ms, status, closed_at_ms, last_seq, committed is not None)
-            reservations[rid] = head + tuple(body)
+            reservations[rid] = Reservation(
+                rid, tuple(map(tuple, lines)), ttl_ms, ref, expires_at_ms, created_at_ms, tuple(granted),
+                status, closed_at_ms, None if committed is None else tuple(map(tuple, committed)), last_seq,
+            ).record()
         if data["format"] == 1:
             for key, old_fingerprint, reply, at_ms, last_seq in data["keys"]:
                 state.keys[key] = _key_record_from_format_1(old_fingerprint, reply, at_ms, last_seq).pack()
