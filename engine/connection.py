@@ -116,20 +116,20 @@ class Connection:
             self._owed += len(events)
             submit = self._engine.submit
             deliver = self._deliver
-            for event in events:
+            for index, event in enumerate(events):
                 if type(event) is RequestRejected:
                     self._counters["rejected_frames"] += 1
                     deliver({**event.reply, "seq": 0})
-                    if event.close:
-                        self._owed -= len(events) - 1 - events.index(event)
-                        return
-                    continue
-                command = event.command
-                if self._authorized and not isinstance(command, _CONNECTION_COMMANDS):
-                    submit(event.request_id, command, deliver)
-                elif self._handle(event.request_id, command, nursery):
-                    self._owed -= len(events) - 1 - events.index(event)
-                    return  # watch: no more requests on this connection
+                    stop = event.close
+                else:
+                    command = event.command
+                    if self._authorized and not isinstance(command, _CONNECTION_COMMANDS):
+                        submit(event.request_id, command, deliver)
+                        continue
+                    stop = self._handle(event.request_id, command, nursery)  # True: it became a watch
+                if stop:
+                    self._owed -= len(events) - 1 - index  # the requests after it are never answered
+                    return
 
     def _handle(self, request_id: int, command: Any, nursery: trio.Nursery) -> bool:
         """A request the connection answers itself. Returns True when it became a watch stream."""
