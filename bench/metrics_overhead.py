@@ -8,7 +8,10 @@ in each round, for --rounds rounds per mode; the machine is shared and noisy, so
 are compared. Every run is verified like `python -m bench` (no oversell, stock equals the
 acknowledged history).
 
-    .venv/bin/python -m bench.metrics_overhead --rounds 5 --seconds 8
+    .venv/bin/python -m bench.metrics_overhead --rounds 5 --seconds 8 [--baseline main]
+
+With --baseline REV the engine of that revision (e.g. before the counting for metrics) joins
+the rotation: what the counting on the request path costs, next to what serving costs.
 
 Prints one line per run and a summary per mode; writes bench/results/metrics_overhead.json.
 Exit status 1 if any run failed its verification or any scrape failed.
@@ -28,6 +31,9 @@ import urllib.request
 from bench import cli, systems
 
 RESULTS = cli.RESULTS
+# A periodic snapshot is built on the event loop (seconds, once millions of closed reservations
+# are kept): it would land in one system's run and swamp what is measured here: periodic snapshots are off.
+ENGINE_ARGS = ("--snapshot-interval-seconds", "86400")
 
 
 class Scraper(threading.Thread):
@@ -79,25 +85,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="pipelined,pooled", help="comma list of pooled, pipelined (default %(default)s)")
     parser.add_argument("--workload", default="hot", choices=sorted(cli.WORKLOADS), help="default %(default)s")
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between scrapes (default %(default)s)")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also alternate the engine of git revision REV (e.g. main: before the counting for metrics)")
     parser.add_argument("--output", default=str(RESULTS / "metrics_overhead.json"))
     options = parser.parse_args(argv)
     args = cli.parse_args(["--systems", "engine", "--seconds", str(options.seconds), "--warmup-seconds", "1"])
     modes = [mode for mode in options.modes.split(",") if mode]
 
-    plain = systems.start_engine("engine")
-    served = None
+    running: list[systems.RunningSystem] = []
     scraper = None
-    results: dict[str, dict[str, list[dict]]] = {mode: {"engine": [], "engine+metrics": []} for mode in modes}
     ok = True
     try:
-        served = systems.start_engine("engine+metrics", extra_args=("--metrics-port", "0"))
+        running.append(systems.start_engine("engine", extra_args=ENGINE_ARGS))
+        served = systems.start_engine("engine+metrics", extra_args=(*ENGINE_ARGS, "--metrics-port", "0"))
+        running.append(served)
+        if options.baseline:
+            running.append(systems.start_baseline(options.baseline, ENGINE_ARGS))
+        results: dict[str, dict[str, list[dict]]] = {mode: {system.name: [] for system in running} for mode in modes}
         scraper = Scraper(metrics_url(served), options.scrape_interval)
         scraper.start()
         run_number = int(time.time()) % 100_000 * 100
         for round_index in range(options.rounds):
             for mode in modes:
-                order = (plain, served) if round_index % 2 == 0 else (served, plain)
-                for system in order:
+                shift = round_index % len(running)  # each system goes first in turn
+                for system in running[shift:] + running[:shift]:
                     run_number += 1
                     measurement = cli.measure(args, system, options.workload, mode, None, options.seconds, run_number)
                     ok = ok and measurement["verification"]["ok"]
@@ -110,35 +121,33 @@ def main(argv: list[str] | None = None) -> int:
         if scraper is not None:
             scraper.stopped.set()
             scraper.join(timeout=10)
-        plain.stop()
-        if served is not None:
-            served.stop()
+        for system in running:
+            system.stop()
 
-    summary = {}
     print(f"\n{options.workload}, {args.connections} connections, {options.seconds:g} s per run, {options.rounds} rounds, "
           f"metrics scraped every {options.scrape_interval:g} s ({scraper.scrapes} scrapes, {len(scraper.failures)} failed, "
           f"longest {scraper.seconds_max * 1000:.1f} ms, {scraper.bytes_last:,} bytes)")
+    summary: dict[str, dict] = {}
     for mode in modes:
-        without = statistics.median(run["requests_per_second"] for run in results[mode]["engine"])
-        with_metrics = statistics.median(run["requests_per_second"] for run in results[mode]["engine+metrics"])
-        cpu_without = statistics.median(run["server_cpu_us_per_request"] or 0 for run in results[mode]["engine"])
-        cpu_with = statistics.median(run["server_cpu_us_per_request"] or 0 for run in results[mode]["engine+metrics"])
-        difference = (with_metrics - without) / without * 100
-        # Each round's two runs were back to back: their ratio is less exposed to slow drifts of
-        # the machine's load than the ratio of the medians.
-        pairs = list(zip(results[mode]["engine+metrics"], results[mode]["engine"]))
-        paired = statistics.median(on["requests_per_second"] / off["requests_per_second"] for on, off in pairs if off["requests_per_second"])
-        # Server CPU per request is less sensitive to other processes taking the cores than req/s.
-        paired_cpu = statistics.median(
-            on["server_cpu_us_per_request"] / off["server_cpu_us_per_request"] for on, off in pairs
-            if on["server_cpu_us_per_request"] and off["server_cpu_us_per_request"]
-        )
-        summary[mode] = {"without_median": without, "with_median": with_metrics, "difference_percent": round(difference, 2),
-                         "paired_ratio_median": round(paired, 4), "cpu_us_without_median": cpu_without, "cpu_us_with_median": cpu_with,
-                         "paired_cpu_ratio_median": round(paired_cpu, 4)}
-        print(f"{mode:>9}: without metrics {without:>9,.0f} req/s ({cpu_without:.1f} us/req), "
-              f"with metrics scraped {with_metrics:>9,.0f} req/s ({cpu_with:.1f} us/req): {difference:+.1f} %; "
-              f"medians of the rounds' ratios: req/s {(paired - 1) * 100:+.1f} %, CPU per request {(paired_cpu - 1) * 100:+.1f} %")
+        summary[mode] = {}
+        reference = results[mode]["engine"]
+        for name, runs in results[mode].items():
+            rate = statistics.median(run["requests_per_second"] for run in runs)
+            cpu = statistics.median(run["server_cpu_us_per_request"] or 0 for run in runs)
+            entry = {"requests_per_second_median": rate, "cpu_us_per_request_median": cpu}
+            line = f"{mode:>9} {name:>15}: {rate:>9,.0f} req/s, {cpu:5.1f} us/req (medians)"
+            if name != "engine":
+                # Each round's runs were back to back: their ratios are less exposed to slow drifts
+                # of the machine's load than the ratio of the medians; server CPU per request is
+                # less exposed to other processes taking the cores than requests/s.
+                pairs = list(zip(runs, reference))
+                paired = statistics.median(run["requests_per_second"] / other["requests_per_second"] for run, other in pairs)
+                paired_cpu = statistics.median(run["server_cpu_us_per_request"] / other["server_cpu_us_per_request"] for run, other in pairs)
+                entry.update(paired_ratio_median=round(paired, 4), paired_cpu_ratio_median=round(paired_cpu, 4))
+                line += (f"; against engine: medians {(rate / statistics.median(r['requests_per_second'] for r in reference) - 1) * 100:+.1f} %,"
+                         f" median of the rounds' ratios: req/s {(paired - 1) * 100:+.1f} %, CPU per request {(paired_cpu - 1) * 100:+.1f} %")
+            summary[mode][name] = entry
+            print(line)
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(options.output, "w") as output:
         json.dump({"options": vars(options), "machine": cli.machine_info(), "summary": summary,

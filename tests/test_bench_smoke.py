@@ -79,5 +79,6 @@ def test_metrics_overhead_runs_both_engines_and_scrapes(tmp_path):
     report = json.loads(output.read_text())
     assert report["scrapes"] >= 1 and not report["scrape_failures"]
     summary = report["summary"]["pooled"]
-    assert summary["without_median"] > 0 and summary["with_median"] > 0
-    assert "with metrics scraped" in result.stdout
+    assert summary["engine"]["requests_per_second_median"] > 0
+    assert summary["engine+metrics"]["requests_per_second_median"] > 0
+    assert "engine+metrics" in result.stdout and "median of the rounds' ratios" in result.stdout
