@@ -154,22 +154,28 @@ def plot_run(measurement: dict, title: str, path: str) -> str:
     pyplot = _pyplot()
     if pyplot is None:
         return NO_MATPLOTLIB
+    from matplotlib import ticker
+
     series = measurement["series"]
     if not series:
         return "no plot: no seconds measured"
     seconds = [point["second"] + 0.5 for point in series]  # each bucket drawn at its middle
     figure, (throughput, latency) = pyplot.subplots(1, 2, figsize=(13, 4.2))
-    throughput.plot(seconds, [point["requests"] for point in series], label="requests", color="tab:blue", marker=".")
-    throughput.plot(seconds, [point["granted"] for point in series], label="granted reserves", color="tab:green", marker=".")
-    throughput.set_title("throughput per second")
-    throughput.set_ylabel("per second")
+    throughput.plot(seconds, [point["requests"] for point in series], label="requests/s", color="tab:blue", marker=".")
+    throughput.plot(seconds, [point["granted"] for point in series], label="granted reserves/s", color="tab:green", marker=".")
+    throughput.set_title("throughput, per second of the window")
+    throughput.set_ylabel("replies per second")
     throughput.set_ylim(bottom=0)
     for name, color in (("p50", "tab:blue"), ("p99", "tab:red")):
         latency.plot(seconds, [point[f"latency_ms_{name}"] or float("nan") for point in series], label=name,
                      color=color, marker=".")
-    latency.set_title("latency per second")
+    latency.set_title("latency of the replies in each second")
     latency.set_ylabel("latency (ms, log scale)")
     latency.set_yscale("log")
+    # Plain numbers (1, 2, 5, 10 ms ...) instead of powers of ten.
+    latency.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    latency.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    latency.yaxis.set_minor_formatter(ticker.NullFormatter())
     for axis in (throughput, latency):
         axis.set_xlabel("seconds into the measured window")
         axis.set_xlim(0, len(series))
