@@ -226,12 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path = prefix.with_name(prefix.name + ".json")
     json_path.write_text(json.dumps(result_document(args, load, where, run_id, started, measurement, verdict), indent=1) + "\n")
-    print(f"wrote {json_path}", file=sys.stderr)
+    print(f"wrote {_shown(json_path)}", file=sys.stderr)
     title = (f"loadtest {args.workload}: {args.connections} connections x {args.depth}"
              + (f", paced {args.rate:,.0f}/s" if args.rate else "")
              + f", {args.seconds:g} s — verdict {'OK' if verification['ok'] else 'FAILED'}")
-    print(report.plot_run(measurement, title, str(prefix.with_name(prefix.name + ".png"))), file=sys.stderr)
+    print(report.plot_run(measurement, title, str(_shown(prefix.with_name(prefix.name + ".png")))), file=sys.stderr)
     return verdict_exit_code(verification)
+
+
+def _shown(path: Path) -> Path:
+    """`path` relative to the current folder when it is below it (shorter to read), else as given."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def result_document(args: argparse.Namespace, load: Load, where: str, run_id: str, started: float,

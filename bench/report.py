@@ -172,8 +172,8 @@ def plot_run(measurement: dict, title: str, path: str) -> str:
     latency.set_title("latency of the replies in each second")
     latency.set_ylabel("latency (ms, log scale)")
     latency.set_yscale("log")
-    # Plain numbers (1, 2, 5, 10 ms ...) instead of powers of ten.
-    latency.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    # Plain numbers (1, 1.5, 2, 3, 5, 7, 10 ms ...) instead of powers of ten.
+    latency.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
     latency.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     latency.yaxis.set_minor_formatter(ticker.NullFormatter())
     for axis in (throughput, latency):
