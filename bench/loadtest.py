@@ -13,9 +13,9 @@ Workloads:
   uniform  the same over 10,000 SKU-locations, ample stock
   orders   reserves of 1-5 lines (qty 1-3) over 1,000 SKU-locations, then release
 
-The verdict: per SKU-location, what the acknowledged history holds (granted - released -
-committed) is never above its stock, the server never shows reserved > on_hand, and the server's
-final on_hand/reserved equal the acknowledged history.
+The verdict, read after the run: per SKU-location, what the acknowledged history holds (granted -
+released - committed) is not above its stock, the server does not show reserved > on_hand, and
+the server's final on_hand/reserved equal the acknowledged history.
 
 Exit status: 0 verdict OK; 1 oversell, disagreement with the acknowledged history, or a run that
 could not be verified; 2 bad arguments, server unreachable or not started.
