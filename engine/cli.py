@@ -10,6 +10,7 @@ import sys
 import trio
 
 from .config import DAY_MS, HOUR_MS, Config
+from .data_lock import DataFolderLocked
 from .server import process_started_monotonic, run_server
 
 log = logging.getLogger("engine")
@@ -71,5 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         if args.metrics_port is not None:
             log.warning("--metrics-port %d: metrics are not served yet (reserved for the metrics work)", args.metrics_port)
-        trio.run(_serve_until_signalled, config_from_args(args))
+        refusal = None
+        try:
+            trio.run(_serve_until_signalled, config_from_args(args))
+        except* DataFolderLocked as locked:  # raised inside the signal nursery: a group
+            refusal = locked.exceptions[0]
+        if refusal is not None:
+            log.error("%s", refusal)
+            return 1
     return 0
