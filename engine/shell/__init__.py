@@ -8,6 +8,7 @@ a data folder (`--data DIR`), online ones talk to a server (`--connect HOST:PORT
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .commands import USAGE, Session, parse_address
@@ -15,6 +16,8 @@ from .interactive import HISTORY_FILE_DEFAULT, run_interactive
 from .registry import all_commands
 from .render import Printer
 from .script import run_script
+
+BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader left
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,5 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sys.stdin.isatty():
             return run_script(session, commands, sys.stdin.read())
         return run_interactive(session, commands, arguments.history_file)
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`export | head`). Point stdout at /dev/null so that the
+        # interpreter's final flush does not fail again, and exit as a pipe writer does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
     finally:
         session.close()

@@ -159,6 +159,8 @@ def run_command_line(session: Session, commands: dict[str, Command], line: str) 
         printer.note(f"error: {command.name}: {error}")
     except ServerError as error:
         printer.note(f"error: {command.name}: the server answered {error.code}: {error.reply.get('message', '')}")
+    except BrokenPipeError:
+        raise  # the reader of our output left (`| head`): nothing more to say, see `main`
     except (OSError, ConnectionClosed, ProtocolViolation) as error:
         session.close()  # the connection is unusable; the next command connects again
         printer.note(f"error: {command.name}: {type(error).__name__}: {error}")

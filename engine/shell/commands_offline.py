@@ -14,7 +14,7 @@ from typing import Any, Iterator, TextIO
 from ..core import Event, State
 from .commands import OK, Command, Session
 from .data_folder import DataFolder, ShellError, event_stock_keys, event_summary
-from .render import format_time_ms, parse_time_ms
+from .render import format_time_ms, time_argument
 
 LOG_ROWS_DEFAULT = 1_000
 HISTORY_ROWS_DEFAULT = 10_000
@@ -66,8 +66,8 @@ def add_event_filters(parser: argparse.ArgumentParser) -> None:
     """The range and field filters shared by `log` and `export`."""
     parser.add_argument("--from-seq", type=int, default=None, help="first seq (inclusive)")
     parser.add_argument("--to-seq", type=int, default=None, help="last seq (inclusive)")
-    parser.add_argument("--since", type=parse_time_ms, default=None, help="first time (ISO-8601 or epoch ms, inclusive)")
-    parser.add_argument("--until", type=parse_time_ms, default=None, help="last time (ISO-8601 or epoch ms, inclusive)")
+    parser.add_argument("--since", type=time_argument, default=None, help="first time (ISO-8601 or epoch ms, inclusive)")
+    parser.add_argument("--until", type=time_argument, default=None, help="last time (ISO-8601 or epoch ms, inclusive)")
     parser.add_argument("--sku", default=None, help="events touching this SKU")
     parser.add_argument("--loc", default=None, help="events touching this location")
     parser.add_argument("--rid", default=None, help="events of this reservation")

@@ -20,7 +20,7 @@ from ..data_lock import DataFolderLocked, lock_data_folder
 from ..storage import LmdbStorage
 from .commands import OK, Command, Session
 from .data_folder import LMDB_FOLDER_NAME, DataFolder, ShellError
-from .render import Progress, format_time_ms, parse_time_ms
+from .render import Progress, format_time_ms, time_argument
 
 # Log entries copied per LMDB transaction (one fsync each): large enough that fsyncs do not
 # dominate, small enough that one transaction's dirty pages stay a few MiB.
@@ -33,7 +33,7 @@ PARTIAL_SUFFIX = ".partial"
 def _arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--to-seq", type=int, default=None, help="rebuild the state right after this seq")
-    target.add_argument("--to-time", type=parse_time_ms, default=None,
+    target.add_argument("--to-time", type=time_argument, default=None,
                         help="rebuild the state after the last event at or before this time (ISO-8601 or epoch ms)")
     parser.add_argument("--into", required=True, help="a new (empty or absent) data folder to write")
     parser.add_argument("--map-size-mb", type=int, default=TARGET_MAP_SIZE_BYTES // 1024**2,
