@@ -119,6 +119,8 @@ def test_snapshots_log_and_info(recorded):
     assert [row["seq"] for row in counted["rows"]] == [10]
     by_time = run_shell("--data", data, "--json", "-c", f"log --until {recorded.time_n_ms}")
     assert json_documents(by_time.stdout)[0]["rows"][-1]["seq"] >= recorded.seq_n
+    last_two = json_documents(run_shell("--data", data, "--json", "-c", "log --limit 2 --last").stdout)[0]
+    assert [row["seq"] for row in last_two["rows"]] == [recorded.last_seq - 1, recorded.last_seq]
     text = run_shell("--data", data, "-c", "snapshots; log --limit 2")
     assert text.returncode == 0 and "size_bytes" in text.stdout and "more records match" in text.stderr
 

@@ -52,7 +52,7 @@ class Session:
     address: tuple[str, int] | None = None
     token: str | None = None
     progress_forced: bool = False
-    _client: Client | None = field(default=None, repr=False)
+    _clients: dict[tuple[str, int], Client] = field(default_factory=dict, repr=False)
 
     @contextmanager
     def data_folder(self, path: str | None = None) -> Iterator[DataFolder]:
@@ -68,14 +68,14 @@ class Session:
             folder.close()
 
     def client(self, address: tuple[str, int] | None = None) -> Client:
-        """A connected, greeted client to the server (`address`, or the shell's `--connect`).
-        The shell's own connection is kept for the session; another address gets a new one,
-        closed at the end of the session."""
-        if address is None or address == self.address:
-            if self._client is None:
-                self._client = self.new_client(self.address)
-            return self._client
-        return self.new_client(address)
+        """A connected, greeted client to the server at `address` (default: the shell's
+        `--connect`), kept for the session and closed at its end."""
+        address = address or self.address
+        client = self._clients.get(address) if address is not None else None
+        if client is None:
+            client = self.new_client(address)
+            self._clients[address] = client
+        return client
 
     def new_client(self, address: tuple[str, int] | None) -> Client:
         """A fresh connection (a `watch` turns its connection into an event stream, so it gets its own)."""
@@ -94,9 +94,10 @@ class Session:
         return Progress(label, total, self.printer.err, progress_wanted(self.printer.err, self.progress_forced))
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        """Close the session's connections (the next online command connects again)."""
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
 
 @dataclass(frozen=True)

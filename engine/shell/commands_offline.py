@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+from collections import deque
 import json
 from typing import Any, Iterator, TextIO
 
@@ -127,22 +128,26 @@ def _passes(event: Event, arguments: argparse.Namespace, rids_with_ref: set[str]
 def _log_arguments(parser: argparse.ArgumentParser) -> None:
     add_event_filters(parser)
     parser.add_argument("--limit", type=int, default=LOG_ROWS_DEFAULT, help="at most this many records (default %(default)s)")
+    parser.add_argument("--last", action="store_true", help="the last --limit matching records instead of the first")
 
 
 def _log(session: Session, arguments: argparse.Namespace) -> int:
     if arguments.limit < 1:
         raise ShellError("--limit must be at least 1")
-    rows = []
+    # With --last, the window slides to the end (a bounded deque: memory stays --limit records).
+    rows: deque[tuple[Any, ...]] = deque(maxlen=arguments.limit if arguments.last else None)
     more = False
     with session.data_folder() as folder:
         for event in filtered_events(folder, arguments):
             if len(rows) >= arguments.limit:
                 more = True
-                break
+                if not arguments.last:
+                    break
             rows.append((event["seq"], format_time_ms(event["ts_ms"]), event["type"], event_summary(event)))
     session.printer.table(("seq", "time", "type", "details"), rows)
     if more:
-        session.printer.note(f"(more records match: showing the first {arguments.limit}; raise --limit or use export)")
+        which = "last" if arguments.last else "first"
+        session.printer.note(f"(more records match: showing the {which} {arguments.limit}; raise --limit or use export)")
     return OK
 
 
@@ -263,7 +268,7 @@ COMMANDS = [
     Command("snapshots", "the stored snapshots: seq, time of their last event, packed size", "offline", _snapshots_arguments, _snapshots),
     Command(
         "log", "log records in a seq or time range, filtered by sku, loc, rid, key, ref or type", "offline", _log_arguments, _log,
-        details="Example: log --sku SKU-1 --loc DC-1 --since 2026-11-27T16:00:00Z --limit 50",
+        details="Example: log --sku SKU-1 --loc DC-1 --since 2026-11-27T16:00:00Z --limit 50 --last",
     ),
     Command(
         "history", "every change of one SKU-location with running on_hand/reserved", "offline", _history_arguments, _history,

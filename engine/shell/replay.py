@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from contextlib import closing
 
 from ..core import Event, check_invariants
@@ -106,8 +107,11 @@ def _write_point_in_time(session: Session, source: DataFolder, target_seq: int, 
         if target_seq > 0:
             target.save_snapshot(state.to_snapshot())
         progress.finish()
-    finally:
+    except BaseException:
         target.close()
+        shutil.rmtree(partial_path, ignore_errors=True)  # ours, half written: no trace of it
+        raise
+    target.close()
     final_path = os.path.join(target_dir, LMDB_FOLDER_NAME)
     os.rename(partial_path, final_path)
     _sync_folder(target_dir)
