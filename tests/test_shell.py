@@ -362,3 +362,44 @@ def test_interactive_completion_and_lines(capsys):
     assert "full replay" in capsys.readouterr().out
     assert shell.onecmd("get") is False and shell.last_status == 2  # a bad line does not end the session
     assert shell.onecmd("exit") is True
+
+
+def test_a_trimmed_log_is_replayed_and_verified_from_its_base_snapshot(tmp_path):
+    data_dir = tmp_path / "data"
+    # Retention 0: each snapshot trims every record it covers, so the log starts after it.
+    server = conftest.ServerProcess(data_dir, "--log-retention-days", "0")
+    try:
+        with Client("127.0.0.1", server.port) as client:
+            client.hello()
+            client.adjust("receipt-1", "SKU-1", "DC-1", 20, "receipt")
+            client.reserve("order-1", [("SKU-1", "DC-1", 5)])
+            base_seq = client.snapshot()["seq"]
+            client.commit("order-1")
+            client.adjust("receipt-2", "SKU-1", "DC-1", 7, "receipt")
+            seq_n = client.stats()["applied_seq"]
+            figures_n = _figures(client.get("SKU-1", "DC-1"))
+            client.reserve("order-2", [("SKU-1", "DC-1", 3)])
+    finally:
+        server.kill()  # no shutdown snapshot: the log keeps what came after the base
+    data = str(data_dir)
+    info = json_documents(run_shell("--data", data, "--json", "-c", "info").stdout)[0]
+    assert info["first_seq"] == base_seq + 1 and info["snapshots"] == str(base_seq)
+    verified = run_shell("--data", data, "-c", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "no full replay is possible" in verified.stderr
+    history = json_documents(run_shell("--data", data, "--json", "-c", "history SKU-1 DC-1").stdout)[0]["rows"]
+    assert history[0]["type"] == "(start)" and history[0]["reserved"] == 5 and history[-1]["reserved"] == 3
+    too_early = run_shell("--data", data, "-c", f"replay --to-seq {base_seq - 1} --into {tmp_path / 'early'}")
+    assert too_early.returncode == 1 and "cannot be rebuilt" in too_early.stderr
+    into = tmp_path / "at-n"
+    assert run_shell("--data", data, "-c", f"replay --to-seq {seq_n} --into {into}").returncode == 0
+    copy_info = json_documents(run_shell("--data", str(into), "--json", "-c", "info").stdout)[0]
+    assert (copy_info["first_seq"], copy_info["last_seq"], copy_info["snapshots"]) == (base_seq + 1, seq_n, f"{base_seq}, {seq_n}")
+    restored = conftest.ServerProcess(into)
+    try:
+        with Client("127.0.0.1", restored.port) as client:
+            client.hello()
+            assert client.stats()["applied_seq"] == seq_n
+            assert _figures(client.get("SKU-1", "DC-1")) == figures_n
+    finally:
+        assert restored.terminate() == 0
