@@ -65,16 +65,16 @@ def _snapshots(session: Session, arguments: argparse.Namespace) -> int:
 
 def add_event_filters(parser: argparse.ArgumentParser) -> None:
     """The range and field filters shared by `log` and `export`."""
-    parser.add_argument("--from-seq", type=int, default=None, help="first seq (inclusive)")
-    parser.add_argument("--to-seq", type=int, default=None, help="last seq (inclusive)")
-    parser.add_argument("--since", type=time_argument, default=None, help="first time (ISO-8601 or epoch ms, inclusive)")
-    parser.add_argument("--until", type=time_argument, default=None, help="last time (ISO-8601 or epoch ms, inclusive)")
+    parser.add_argument("--from-seq", metavar="SEQ", type=int, default=None, help="first seq (inclusive)")
+    parser.add_argument("--to-seq", metavar="SEQ", type=int, default=None, help="last seq (inclusive)")
+    parser.add_argument("--since", metavar="T", type=time_argument, default=None, help="first time (ISO-8601 or epoch ms, inclusive)")
+    parser.add_argument("--until", metavar="T", type=time_argument, default=None, help="last time (ISO-8601 or epoch ms, inclusive)")
     parser.add_argument("--sku", default=None, help="events touching this SKU")
     parser.add_argument("--loc", default=None, help="events touching this location")
     parser.add_argument("--rid", default=None, help="events of this reservation")
     parser.add_argument("--key", default=None, help="the event of this adjust/count/transfer key")
     parser.add_argument("--ref", default=None, help="events of reservations with this ref (e.g. an order number)")
-    parser.add_argument("--type", dest="event_type", default=None, help="events of this type (reserved, counted, ...)")
+    parser.add_argument("--type", dest="event_type", metavar="TYPE", default=None, help="events of this type (reserved, counted, ...)")
 
 
 def filtered_events(folder: DataFolder, arguments: argparse.Namespace) -> Iterator[Event]:
@@ -127,7 +127,7 @@ def _passes(event: Event, arguments: argparse.Namespace, rids_with_ref: set[str]
 
 def _log_arguments(parser: argparse.ArgumentParser) -> None:
     add_event_filters(parser)
-    parser.add_argument("--limit", type=int, default=LOG_ROWS_DEFAULT, help="at most this many records (default %(default)s)")
+    parser.add_argument("--limit", metavar="N", type=int, default=LOG_ROWS_DEFAULT, help="at most this many records (default %(default)s)")
     parser.add_argument("--last", action="store_true", help="the last --limit matching records instead of the first")
 
 
@@ -157,8 +157,8 @@ def _log(session: Session, arguments: argparse.Namespace) -> int:
 def _history_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sku")
     parser.add_argument("loc")
-    parser.add_argument("--to-seq", type=int, default=None, help="stop at this seq (default: the end of the log)")
-    parser.add_argument("--limit", type=int, default=HISTORY_ROWS_DEFAULT, help="at most this many changes (default %(default)s)")
+    parser.add_argument("--to-seq", metavar="SEQ", type=int, default=None, help="stop at this seq (default: the end of the log)")
+    parser.add_argument("--limit", metavar="N", type=int, default=HISTORY_ROWS_DEFAULT, help="at most this many changes (default %(default)s)")
 
 
 def _history(session: Session, arguments: argparse.Namespace) -> int:
@@ -222,7 +222,7 @@ CSV_COLUMNS = (
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     add_event_filters(parser)
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="JSON lines (one event each) or CSV (one row per event line)")
-    parser.add_argument("--output", default=None, help="write to this file (default: stdout)")
+    parser.add_argument("--output", metavar="FILE", default=None, help="write to this file (default: stdout)")
 
 
 def _export(session: Session, arguments: argparse.Namespace) -> int:

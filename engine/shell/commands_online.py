@@ -16,7 +16,7 @@ STOCK_COLUMNS = ("sku", "loc", "on_hand", "reserved", "available")
 
 
 def _address_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--connect", type=parse_address, default=None, help="HOST:PORT (default: the shell's --connect)")
+    parser.add_argument("--connect", metavar="HOST:PORT", type=parse_address, default=None, help="the server (default: the shell's --connect)")
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -145,9 +145,9 @@ WATCH_POLL_SECONDS = 0.5  # how often a quiet watch looks at its --seconds deadl
 
 
 def _watch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="from_seq", type=int, default=None, help="start at this seq (default: only new events)")
-    parser.add_argument("--limit", type=int, default=None, help="stop after this many events")
-    parser.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    parser.add_argument("--from", dest="from_seq", metavar="SEQ", type=int, default=None, help="start at this seq (default: only new events)")
+    parser.add_argument("--limit", metavar="N", type=int, default=None, help="stop after this many events")
+    parser.add_argument("--seconds", metavar="S", type=float, default=None, help="stop after this long")
     _address_argument(parser)
 
 

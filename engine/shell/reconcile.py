@@ -74,10 +74,10 @@ def row_key(file_digest: str, row: int) -> str:
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("counts_csv", metavar="COUNTS.csv", help="columns sku, loc, counted")
-    parser.add_argument("--threshold", type=int, default=None, help="mark lines with |variance| >= this")
+    parser.add_argument("--threshold", metavar="N", type=int, default=None, help="mark lines with |variance| >= this")
     parser.add_argument("--apply", action="store_true", help="post the counts to the server (--connect): on_hand becomes counted")
     parser.add_argument("--reason", default=DEFAULT_REASON, help="reason of the posted counts (default %(default)s; keep it for reruns)")
-    parser.add_argument("--connect", type=parse_address, default=None, help="HOST:PORT (default: the shell's --connect)")
+    parser.add_argument("--connect", metavar="HOST:PORT", type=parse_address, default=None, help="the server (default: the shell's --connect)")
 
 
 def _run(session: Session, arguments: argparse.Namespace) -> int:

@@ -33,10 +33,10 @@ PARTIAL_SUFFIX = ".partial"
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--to-seq", type=int, default=None, help="rebuild the state right after this seq")
-    target.add_argument("--to-time", type=time_argument, default=None,
+    target.add_argument("--to-seq", type=int, default=None, metavar="N", help="rebuild the state right after this seq")
+    target.add_argument("--to-time", type=time_argument, default=None, metavar="T",
                         help="rebuild the state after the last event at or before this time (ISO-8601 or epoch ms)")
-    parser.add_argument("--into", required=True, help="a new (empty or absent) data folder to write")
+    parser.add_argument("--into", required=True, metavar="DIR2", help="a new (empty or absent) data folder to write")
     parser.add_argument("--map-size-mb", type=int, default=TARGET_MAP_SIZE_BYTES // 1024**2,
                         help="LMDB map size of the new folder (default %(default)s, as serve)")
 
@@ -152,7 +152,8 @@ COMMANDS = [
         details=(
             "Writes DIR2 so that `python -m engine serve --data DIR2` starts at exactly seq N (and continues at N + 1):\n"
             "the retained log up to N and a snapshot at N. DIR2 must be new or empty; a folder a running server holds\n"
-            "is refused. --to-time takes the last event at or before T (ISO-8601, UTC unless a zone is given, or epoch ms)."
+            "is refused. --to-time takes the last event at or before T (ISO-8601, UTC unless a zone is given, or epoch ms).\n"
+            "As after any restart, a server started on DIR2 expires right away the held reservations whose time has passed."
         ),
     ),
 ]
