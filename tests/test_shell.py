@@ -403,3 +403,32 @@ def test_a_trimmed_log_is_replayed_and_verified_from_its_base_snapshot(tmp_path)
             assert _figures(client.get("SKU-1", "DC-1")) == figures_n
     finally:
         assert restored.terminate() == 0
+
+
+def test_verify_and_log_on_a_copy_with_a_corrupted_log_record(recorded, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(recorded.data_dir, changed)
+    _rewrite_first_log_entry(changed / "lmdb", lambda event: {**event, "delta": event["delta"] - 10})
+    verified = run_shell("--data", str(changed), "-c", "verify")
+    assert verified.returncode == 1, verified.stdout + verified.stderr
+    assert any("SKU-1 @ DC-1" in line and "on_hand" in line for line in verified.stdout.splitlines())
+    unreadable = tmp_path / "unreadable"
+    shutil.copytree(recorded.data_dir, unreadable)
+    _rewrite_first_log_entry(unreadable / "lmdb", lambda event: {**event, "type": "bogus"})
+    logged = run_shell("--data", str(unreadable), "-c", "log")
+    assert logged.returncode == 1 and "does not read back as valid" in logged.stderr and "Traceback" not in logged.stderr
+    assert run_shell("--data", str(unreadable), "-c", "verify").returncode == 1
+
+
+def _rewrite_first_log_entry(lmdb_path: Path, change) -> None:
+    env = lmdb.open(str(lmdb_path), max_dbs=4, map_size=0, subdir=True)
+    try:
+        log = env.open_db(b"log", create=False)
+        with env.begin(write=True, db=log) as txn:
+            cursor = txn.cursor()
+            assert cursor.first()
+            events = msgpack.unpackb(cursor.value(), raw=False, strict_map_key=False)
+            events = [change(event) for event in events] if isinstance(events, list) else change(events)
+            txn.put(cursor.key(), msgpack.packb(events, use_bin_type=True))
+    finally:
+        env.close()

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import msgpack
+
 from protocol import Client, ConnectionClosed, ProtocolViolation, ServerError
 
 from .data_folder import DataFolder, ShellError
@@ -165,6 +167,10 @@ def run_command_line(session: Session, commands: dict[str, Command], line: str) 
     except (OSError, ConnectionClosed, ProtocolViolation) as error:
         session.close()  # the connection is unusable; the next command connects again
         printer.note(f"error: {command.name}: {type(error).__name__}: {error}")
+    except (AssertionError, msgpack.UnpackException, msgpack.ExtraData) as error:
+        # The storage and the core check every record and snapshot as they are read back:
+        # here that means data that does not read back as written (or a bug). Say which.
+        printer.note(f"error: {command.name}: the data does not read back as valid: {type(error).__name__}: {error}")
     except KeyboardInterrupt:
         printer.note(f"{command.name}: interrupted")
         return INTERRUPTED

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import lmdb
+
 from ..core import Event, State, apply_event
 from ..data_lock import data_folder_is_locked
 from ..storage import LmdbStorage
@@ -43,6 +45,8 @@ class DataFolder:
             self.storage = LmdbStorage(lmdb_path, 0, read_only=True)
         except FileNotFoundError as error:
             raise ShellError(f"{path} is not a data folder: {error}") from None
+        except lmdb.Error as error:  # e.g. no write access to lock.mdb, which readers register in
+            raise ShellError(f"cannot open {lmdb_path}: {type(error).__name__}: {error}") from None
 
     def close(self) -> None:
         self.storage.close()

@@ -131,7 +131,7 @@ def _run(session: Session, arguments: argparse.Namespace) -> int:
     printer = session.printer
     printer.table(("replayed", "compared with", "differences"), verification.compared, title="comparisons")
     if not verification.compared:
-        printer.line("no snapshot to compare with: only the replay itself and its invariants were checked")
+        printer.line("no later snapshot to compare with: only the replay itself and its invariants were checked")
     if verification.rows:
         shown = verification.rows[:DIFFERENCES_SHOWN_MAX]
         printer.table(("seq", "what", "name", "field", "replay", "other"), shown, title="differences")
