@@ -15,7 +15,7 @@ from typing import Any, Iterator, TextIO
 from ..core import Event, State
 from .commands import OK, Command, Session
 from .data_folder import DataFolder, ShellError, event_stock_keys, event_summary
-from .render import format_time_ms, time_argument
+from .render import Progress, format_time_ms, time_argument
 
 LOG_ROWS_DEFAULT = 1_000
 HISTORY_ROWS_DEFAULT = 10_000
@@ -122,6 +122,26 @@ def _passes(event: Event, arguments: argparse.Namespace, rids_with_ref: set[str]
     return True
 
 
+class _ScanProgress:
+    """A progress bar over a scan of the log, advanced by the seq reached (filters skip records)."""
+
+    def __init__(self, progress: Progress, start_seq: int):
+        self.progress = progress
+        self.start_seq = start_seq
+
+    def reach(self, seq: int) -> None:
+        self.progress.advance(seq - self.start_seq + 1 - self.progress.done)
+
+    def finish(self) -> None:
+        self.progress.finish()
+
+
+def _scan_progress(session: Session, label: str, folder: DataFolder, arguments: argparse.Namespace) -> _ScanProgress:
+    start_seq = max(folder.first_seq() or 1, arguments.from_seq or 1)
+    end_seq = folder.last_seq if arguments.to_seq is None else min(arguments.to_seq, folder.last_seq)
+    return _ScanProgress(session.progress(label, end_seq - start_seq + 1), start_seq)
+
+
 # -- log ----------------------------------------------------------------------------------------
 
 
@@ -138,12 +158,15 @@ def _log(session: Session, arguments: argparse.Namespace) -> int:
     rows: deque[tuple[Any, ...]] = deque(maxlen=arguments.limit if arguments.last else None)
     more = False
     with session.data_folder() as folder:
+        progress = _scan_progress(session, "log", folder, arguments)
         for event in filtered_events(folder, arguments):
+            progress.reach(event["seq"])
             if len(rows) >= arguments.limit:
                 more = True
                 if not arguments.last:
                     break
             rows.append((event["seq"], format_time_ms(event["ts_ms"]), event["type"], event_summary(event)))
+        progress.finish()
     session.printer.table(("seq", "time", "type", "details"), rows)
     if more:
         which = "last" if arguments.last else "first"
@@ -230,8 +253,7 @@ def _export(session: Session, arguments: argparse.Namespace) -> int:
     exported = 0
     try:
         with session.data_folder() as folder:
-            first = folder.first_seq() or 1
-            progress = session.progress("export", folder.last_seq - max(first, arguments.from_seq or 1) + 1)
+            progress = _scan_progress(session, "export", folder, arguments)
             writer = csv.DictWriter(output, CSV_COLUMNS, extrasaction="ignore") if arguments.format == "csv" else None
             if writer is not None:
                 writer.writeheader()
@@ -241,7 +263,7 @@ def _export(session: Session, arguments: argparse.Namespace) -> int:
                 else:
                     writer.writerows(csv_rows(event))
                 exported += 1
-                progress.advance(1)
+                progress.reach(event["seq"])
             progress.finish()
     finally:
         if arguments.output:

@@ -27,6 +27,7 @@ from .data_folder import ShellError
 
 COUNT_ROWS_MAX = 1_000_000  # a count file is a warehouse's SKU-locations, not a log
 DEFAULT_REASON = "reconcile"
+ROWS_PER_PROGRESS_STEP = 1_000  # counts pipelined between two redraws of the progress bar
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,15 @@ def _variances_from_server(session: Session, address: tuple[str, int], rows: lis
 
 def _apply(session: Session, address: tuple[str, int], rows: list[CountedRow], file_digest: str, reason: str) -> tuple[list[Line], list[str]]:
     client = session.client(address)
-    replies = client.pipeline([
-        request_builders.count_request(row_key(file_digest, row.row), row.sku, row.loc, row.counted, reason) for row in rows
-    ])
+    progress = session.progress("apply", len(rows))
+    replies: list[dict] = []
+    for start in range(0, len(rows), ROWS_PER_PROGRESS_STEP):
+        chunk = rows[start : start + ROWS_PER_PROGRESS_STEP]
+        replies += client.pipeline([
+            request_builders.count_request(row_key(file_digest, row.row), row.sku, row.loc, row.counted, reason) for row in chunk
+        ])
+        progress.advance(len(chunk))
+    progress.finish()
     lines: list[Line] = []
     failures: list[str] = []
     for row, reply in zip(rows, replies):
