@@ -56,7 +56,8 @@ def _snapshots(session: Session, arguments: argparse.Namespace) -> int:
             event = folder.event_at(seq) if seq else None
             rows.append((seq, format_time_ms(event["ts_ms"]) if event else None, size_bytes))
         session.printer.table(("seq", "time", "size_bytes"), rows)
-        session.printer.note(f"log: seq {folder.first_seq()} to {folder.last_seq}")
+        first = folder.first_seq()
+        session.printer.note(f"log: seq {first} to {folder.last_seq}" if first is not None else "log: no record retained")
     return OK
 
 

@@ -18,6 +18,7 @@ from ..data_lock import data_folder_is_locked
 from ..storage import LmdbStorage
 
 LMDB_FOLDER_NAME = "lmdb"  # as `engine.server.storage_path`
+PROGRESS_REPORT_RECORDS = 5_000  # replay tells its progress callback this often
 
 
 class ShellError(Exception):
@@ -154,13 +155,10 @@ class DataFolder:
             if event["ts_ms"] <= at_ms:
                 found = event["seq"]
         if found is None:
-            if first in (None, 1):
-                return 0
-            raise ShellError(f"no retained event is at or before that time (the log starts at seq {first})")
+            if first == 1 or (first is None and not self.storage.snapshot_seqs()):
+                return 0  # before the first change: the empty state
+            raise ShellError(f"no retained event is at or before that time (the log starts at {first or 'no record'}); give --to-seq")
         return found
-
-
-PROGRESS_REPORT_RECORDS = 5_000
 
 
 def event_stock_keys(event: Event) -> list[tuple[str, str]]:
