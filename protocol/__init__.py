@@ -62,3 +62,5 @@ from . import _errors as codes
 from . import _requests as requests
 from .client import Client
 from .trio_client import TrioClient, open_trio_client
+from ._outbox_requests import InvalidOutboxRequest
+from .outbox_store import Outcome, OutboxFull, OutboxStore, UnknownEntry
