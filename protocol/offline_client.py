@@ -27,7 +27,7 @@ Why one request at a time (no pipelining): the outbox promises submission order.
 keeps a connection's order only per SKU-location (a multi-line reserve, or a batch, may be
 decided before an earlier single-line request), and when an earlier pipelined request is shed
 (`overloaded`) the later ones are already applied. One in flight costs a round trip and two
-local fsyncs per request (measured in tests/test_offline_client.py); a field rep's backlog of a
+local fsyncs per request (figures in docs/ARCHITECTURE.md); a field rep's backlog of a
 few hundred orders drains in seconds.
 """
 
