@@ -53,6 +53,7 @@ TRANSIENT_ERROR_CODES = frozenset(
         errors.INTERNAL,
         errors.UNAUTHORIZED,
         errors.UNSUPPORTED_VERSION,
+        # Never matched to a request (its reply has id nil); listed so that it is not "unknown".
         errors.FRAME_TOO_LARGE,
     }
 )

@@ -42,6 +42,7 @@ from protocol._outbox_requests import prepare_request
 
 from offline_app import STOCKS, order_lines
 from reply_dropping_proxy import ReplyDroppingProxy
+from scripted_server import ScriptedServer
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = Path(__file__).resolve().parent / "offline_app.py"
@@ -227,6 +228,64 @@ def test_a_request_sent_but_unanswered_past_the_resend_window_is_not_resent(tmp_
     with OfflineClient(path, port=free_port(), clock_ms=lambda: now_ms, **FAST_RECONNECT) as client:
         outcome = client.wait(queued.local_id, timeout_seconds=10)
     assert outcome.status == "unknown" and "resend window" in outcome.message and outcome.attempts == 1
+
+
+def test_transient_replies_retry_the_same_request_before_any_later_one(tmp_path):
+    """`overloaded` and `internal` leave the request queued: it is sent again with the same id,
+    after a backoff, and the request behind it waits (the outbox's order)."""
+    answers = {"order-1": [("overloaded", None), ("internal", None), (None, {"rid": "order-1", "lines": [], "expires_at_ms": None})]}
+
+    def answer(request: dict) -> dict:
+        if request["op"] == "hello":
+            return {"ok": True, "server": "scripted", "version": 1}
+        script = answers.get(request["rid"])
+        code, fields = script.pop(0) if script else (None, {"rid": request["rid"]})
+        if code is not None:
+            return {"ok": False, "error": code, "message": f"scripted {code}"}
+        return {"ok": True, **fields}
+
+    with ScriptedServer(answer) as server:
+        with OfflineClient(tmp_path / "outbox.sqlite", "127.0.0.1", server.port, **FAST_RECONNECT) as client:
+            first = client.reserve("order-1", [("sku", "loc", 1)])
+            second = client.release("order-2")
+            assert client.wait_until_drained(30), client.last_error
+            first_outcome, second_outcome = client.outcome(first.local_id), client.outcome(second.local_id)
+        sent = [(request["op"], request.get("rid")) for request in server.received if request["op"] != "hello"]
+    assert sent == [("reserve", "order-1")] * 3 + [("release", "order-2")]
+    assert (first_outcome.status, first_outcome.attempts, first_outcome.duplicate) == ("granted", 3, False)
+    assert (second_outcome.status, second_outcome.attempts) == ("granted", 1)
+
+
+def test_a_refused_hello_or_a_missing_reply_keeps_the_request_queued(tmp_path):
+    """A refused `hello` (wrong token) is a connection problem: nothing is decided, the client
+    says why and tries again. A reply that never comes: after the timeout the client reconnects
+    and resends with the same id."""
+    hellos_refused = 2
+    replies_withheld = 1
+
+    def answer(request: dict) -> dict | None:
+        nonlocal hellos_refused, replies_withheld
+        if request["op"] == "hello":
+            if hellos_refused:
+                hellos_refused -= 1
+                return {"ok": False, "error": "unauthorized", "message": "bad token"}
+            return {"ok": True, "server": "scripted", "version": 1}
+        if replies_withheld:
+            replies_withheld -= 1
+            return None
+        return {"ok": True, "sku": "sku", "loc": "loc", "on_hand": 1, "reserved": 0, "available": 1}
+
+    settings = {**FAST_RECONNECT, "reply_timeout_seconds": 0.3}
+    with ScriptedServer(answer) as server:
+        with OfflineClient(tmp_path / "outbox.sqlite", "127.0.0.1", server.port, token="t", **settings) as client:
+            queued = client.adjust(None, "sku", "loc", 1, "receipt")
+            wait_until(lambda: client.last_error is not None and "unauthorized" in client.last_error, 10, "refused hello")
+            assert client.outcome(queued.local_id).status == "pending"
+            outcome = client.wait(queued.local_id, timeout_seconds=30)
+        adjusts = [request for request in server.received if request["op"] == "adjust"]
+    assert outcome.status == "granted" and outcome.attempts == 2
+    assert [request["key"] for request in adjusts] == [queued.idempotency_id] * 2
+    assert [request["token"] for request in server.received if request["op"] == "hello"] == ["t"] * 4
 
 
 # -- against real servers ------------------------------------------------------------------------
