@@ -195,6 +195,9 @@ class OutboxStore:
                 for statement in _SCHEMA_STATEMENTS:
                     self._database.execute(statement)
                 self._database.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                # Counted once here, then kept up to date by this (the only writing) store, so
+                # that pruning costs no scan of the decided rows.
+                self._decided_count = self._database.execute("SELECT COUNT(*) FROM entries WHERE status = ?", (DECIDED,)).fetchone()[0]
         except BaseException:
             self._database.close()
             raise
@@ -264,24 +267,32 @@ class OutboxStore:
         assert outcome in OUTCOMES, outcome
         stored_reply = None if reply is None else {name: value for name, value in reply.items() if name != "id"}
         duplicate = bool(stored_reply and stored_reply.get("duplicate") is True)
-        with self._lock, self._transaction():
-            cursor = self._database.execute(
-                "UPDATE entries SET status = ?, outcome = ?, reply = ?, duplicate = ?, note = ?, decided_at_ms = ? "
-                "WHERE local_id = ? AND status != ?",
-                (DECIDED, outcome, None if stored_reply is None else _pack(stored_reply), int(duplicate), note, now_ms, local_id, DECIDED),
-            )
-            assert cursor.rowcount == 1, f"local id {local_id} decided twice, or never written"
-            self._prune_decided()
-            row = self._select_one(local_id)
+        with self._lock:
+            with self._transaction():
+                cursor = self._database.execute(
+                    "UPDATE entries SET status = ?, outcome = ?, reply = ?, duplicate = ?, note = ?, decided_at_ms = ? "
+                    "WHERE local_id = ? AND status != ?",
+                    (DECIDED, outcome, None if stored_reply is None else _pack(stored_reply), int(duplicate), note, now_ms, local_id, DECIDED),
+                )
+                assert cursor.rowcount == 1, f"local id {local_id} decided twice, or never written"
+                row = self._select_one(local_id)  # before pruning, which may take this very row
+                decided_count = self._decided_count + 1
+                decided_count -= self._prune_decided(decided_count)
+            self._decided_count = decided_count  # only once the transaction committed
         assert row is not None
         return _outcome_from_row(row)
 
-    def _prune_decided(self) -> None:
-        self._database.execute(
-            "DELETE FROM entries WHERE status = ? AND local_id <= "
-            "(SELECT local_id FROM entries WHERE status = ? ORDER BY local_id DESC LIMIT 1 OFFSET ?)",
-            (DECIDED, DECIDED, self.decided_kept_max),
+    def _prune_decided(self, decided_count: int) -> int:
+        """Delete the oldest decided rows beyond `decided_kept_max` (in the caller's transaction);
+        return how many went."""
+        excess = decided_count - self.decided_kept_max
+        if excess <= 0:
+            return 0
+        cursor = self._database.execute(
+            "DELETE FROM entries WHERE local_id IN (SELECT local_id FROM entries WHERE status = ? ORDER BY local_id LIMIT ?)",
+            (DECIDED, excess),
         )
+        return cursor.rowcount
 
     # -- reads ------------------------------------------------------------------------------------
 

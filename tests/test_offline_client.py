@@ -207,6 +207,10 @@ def test_store_refuses_at_its_bound_and_drops_nothing(tmp_path):
     with pytest.raises(UnknownEntry):
         store.outcome(queued[0].local_id)
     store.close()
+    store = OutboxStore(tmp_path / "outbox.sqlite", undecided_max=3, decided_kept_max=2)  # counts what it finds
+    store.record_outcome(store.next_undecided().local_id, "refused", {"ok": False, "error": "invalid"}, now_ms=7)
+    assert [outcome.idempotency_id for outcome in store.outcomes()] == ["k2", "k3"]
+    store.close()
 
 
 def test_one_drainer_per_outbox_file(tmp_path):
