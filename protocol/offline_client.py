@@ -33,7 +33,6 @@ few hundred orders drains in seconds.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import random
@@ -382,6 +381,12 @@ class OfflineClient:
 def _lock_outbox(path: str):
     """Hold an exclusive lock on `<path>.lock` for the client's life (released by the kernel when
     the process dies), so two drainers never send the same file's requests side by side."""
+    # Imported here, not at the top: `protocol` (the other clients) must stay importable where
+    # there is no fcntl; only the offline client needs it.
+    try:
+        import fcntl
+    except ImportError:
+        raise RuntimeError("the offline client locks its outbox with fcntl.flock, which this platform lacks (POSIX only)") from None
     lock_file = open(f"{path}.lock", "a+b")
     try:
         fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
