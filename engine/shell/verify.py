@@ -58,32 +58,26 @@ def differences(left_name: str, left: Contents, right_name: str, right: Contents
     found: list[tuple[str, str, str, Any, Any]] = []
     if left.seq != right.seq:
         found.append(("state", "-", "seq", left.seq, right.seq))
-    for stock_key in sorted(left.stocks.keys() | right.stocks.keys()):
-        name = f"{stock_key[0]} @ {stock_key[1]}"
-        mine, theirs = left.stocks.get(stock_key), right.stocks.get(stock_key)
-        if mine is None or theirs is None:
-            found.append(("stock", name, "(present)", mine is not None, theirs is not None))
-            continue
-        for field_name, a, b in zip(_STOCK_FIELDS, mine, theirs):
-            if a != b:
-                found.append(("stock", name, field_name, a, b))
-    for rid in sorted(left.reservations.keys() | right.reservations.keys()):
-        mine, theirs = left.reservations.get(rid), right.reservations.get(rid)
-        if mine == theirs:
-            continue
-        if mine is None or theirs is None:
-            found.append(("reservation", rid, "(present)", mine is not None, theirs is not None))
-            continue
-        found.extend(("reservation", rid, field_name, a, b) for field_name, a, b in _field_differences(_reservation(mine), _reservation(theirs)))
-    for key in sorted(left.keys.keys() | right.keys.keys()):
-        mine, theirs = left.keys.get(key), right.keys.get(key)
-        if mine == theirs:
-            continue
-        if mine is None or theirs is None:
-            found.append(("key", key, "(present)", mine is not None, theirs is not None))
-            continue
-        found.extend(("key", key, field_name, a, b) for field_name, a, b in _field_differences(_key_record(mine), _key_record(theirs)))
+    kinds = (
+        ("stock", left.stocks, right.stocks, _stock),
+        ("reservation", left.reservations, right.reservations, _reservation),
+        ("key", left.keys, right.keys, _key_record),
+    )
+    for what, mine_by_name, theirs_by_name, as_fields in kinds:
+        for record_name in sorted(mine_by_name.keys() | theirs_by_name.keys()):
+            mine, theirs = mine_by_name.get(record_name), theirs_by_name.get(record_name)
+            if mine == theirs:
+                continue
+            name = f"{record_name[0]} @ {record_name[1]}" if what == "stock" else record_name
+            if mine is None or theirs is None:
+                found.append((what, name, "(present)", mine is not None, theirs is not None))
+                continue
+            found.extend((what, name, field_name, a, b) for field_name, a, b in _field_differences(as_fields(mine), as_fields(theirs)))
     return found
+
+
+def _stock(figures: tuple) -> dict[str, Any]:
+    return dict(zip(_STOCK_FIELDS, figures))
 
 
 def _reservation(record: tuple) -> dict[str, Any]:
@@ -103,7 +97,8 @@ def _key_record(data: bytes) -> dict[str, Any]:
 
 
 def _field_differences(left: dict[str, Any], right: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    return [(name, left.get(name), right.get(name)) for name in left.keys() | right.keys() if left.get(name) != right.get(name)]
+    names = list(left) + [name for name in right if name not in left]  # in field order
+    return [(name, left.get(name), right.get(name)) for name in names if left.get(name) != right.get(name)]
 
 
 class Verification:
