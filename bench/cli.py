@@ -22,28 +22,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import multiprocessing
 import os
 import platform
 import socket
 import sys
 import time
-from array import array
 from pathlib import Path
 
-import trio
-
 from bench import report, systems
-from bench.postgres_peer import startup_message
-from bench.workloads import WORKLOAD_SYSTEMS, WORKLOADS, History
+from bench.measure import Load
+from bench.measure import measure as measure_load
+from bench.workloads import WORKLOAD_SYSTEMS, WORKLOADS
 
 SYSTEM_ORDER = ("echo", "engine", "baseline", "redis", "postgres")
 MODES = {"pooled": None, "pipelined": None}
 ROOT = systems.ROOT
 RESULTS = ROOT / "bench" / "results"
 ECHO_RATIO_MIN = 1.5
-EXPIRY_WAIT_MAX_SECONDS = 20.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,242 +105,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- one measurement ----------------------------------------------------------------------
 
 
-class Progress:
-    def __init__(self, label: str, start_at: float, stop_at: float) -> None:
-        self.label = label
-        self.start_at = start_at
-        self.stop_at = stop_at
-        self.interactive = sys.stderr.isatty()
-        self.last_print = 0.0
-
-    def show(self, count: int) -> None:
-        now = time.perf_counter()
-        if not self.interactive and now - self.last_print < 2.0:
-            return
-        self.last_print = now
-        elapsed = now - self.start_at
-        if elapsed < 0:
-            text = f"{self.label}: warming up ({-elapsed:.1f} s)"
-        else:
-            text = f"{self.label}: {min(elapsed, self.stop_at - self.start_at):5.1f} s  {count / max(elapsed, 1e-3):>9,.0f} requests/s"
-        end = "\r" if self.interactive else "\n"
-        print(f"{text:<78}", end=end, file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.interactive:
-            print(" " * 78, end="\r", file=sys.stderr, flush=True)
-
-
-def open_idle_connections(system: systems.RunningSystem, count: int) -> list[socket.socket]:
-    connections = []
-    for _ in range(count):
-        connection = socket.create_connection((system.host, system.port), timeout=10)
-        if system.kind == "postgres":
-            # A backend per connection; without a startup message it would close after a minute.
-            connection.sendall(startup_message())
-            received = b""
-            while b"Z\x00\x00\x00\x05" not in received:
-                chunk = connection.recv(4096)
-                if not chunk:
-                    raise ConnectionError("postgres closed an idle connection")
-                received += chunk
-        connections.append(connection)
-    return connections
-
-
-def run_generators(args, system, workload_name, depth, rate, seconds, label, run_number) -> tuple[dict, float, float]:
-    """Run the load in `args.generator_processes` processes; returns (merged result, cpu s, elapsed s)."""
-    process_count = args.generator_processes
-    numbers = list(range(args.connections))
-    launch_at = time.perf_counter()
-    spawn_seconds = 0.3 + 0.002 * args.connections
-    load_at = launch_at + spawn_seconds
-    start_at = load_at + args.warmup_seconds
-    stop_at = start_at + seconds
-    specs = []
-    for index in range(process_count):
-        specs.append({
-            "kind": system.kind, "host": system.host, "port": system.port, "workload": workload_name,
-            "depth": depth, "rate": rate, "connections_total": args.connections,
-            "connection_numbers": numbers[index::process_count], "load_at": load_at,
-            "start_at": start_at, "stop_at": stop_at, "seed": run_number * 1000 + index,
-            "rid_prefix": f"b{run_number}p{index}.",
-        })
-    context = multiprocessing.get_context("fork")
-    counters = context.RawArray("q", process_count)
-    queue = context.Queue()
-    processes = [context.Process(target=systems_safe_run, args=(spec, counters, index, queue), daemon=True)
-                 for index, spec in enumerate(specs)]
-    for process in processes:
-        process.start()
-    progress = Progress(label, start_at, stop_at)
-    cpu_before = cpu_after = None
-    results: dict[int, dict] = {}
-    while len(results) < process_count:
-        now = time.perf_counter()
-        if cpu_before is None and now >= start_at:
-            cpu_before = (system.cpu_seconds(), now)
-        if cpu_after is None and now >= stop_at:
-            cpu_after = (system.cpu_seconds(), now)
-        progress.show(sum(counters))
-        try:
-            index, result = queue.get(timeout=min(0.2, max(0.001, (start_at if cpu_before is None else stop_at) - now)))
-            results[index] = result
-        except Exception:
-            if not any(process.is_alive() for process in processes) and queue.empty():
-                break
-    progress.done()
-    for process in processes:
-        process.join(timeout=10)
-    if cpu_before is None:
-        cpu_before = (system.cpu_seconds(), time.perf_counter())
-    if cpu_after is None:
-        cpu_after = (system.cpu_seconds(), time.perf_counter())
-    if len(results) < process_count:
-        raise RuntimeError(f"{label}: {process_count - len(results)} generator process(es) died")
-    merged = merge([results[index] for index in sorted(results)])
-    return merged, cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
-
-
-def systems_safe_run(spec, counters, index, queue) -> None:
-    from bench.generator import run_process
-
-    try:
-        run_process(spec, counters, index, queue)
-    except BaseException as error:  # report instead of hanging the parent
-        queue.put((index, {"fatal": f"{type(error).__name__}: {error}"}))
-
-
-def merge(parts: list[dict]) -> dict:
-    fatal = [part["fatal"] for part in parts if "fatal" in part]
-    if fatal:
-        raise RuntimeError(f"generator failed: {fatal[0]}")
-    bucket_count = len(parts[0]["requests"])
-    merged = {
-        "requests": [sum(part["requests"][bucket] for part in parts) for bucket in range(bucket_count)],
-        "granted": [sum(part["granted"][bucket] for part in parts) for bucket in range(bucket_count)],
-        "latencies": [],
-        "replies": {}, "error_codes": {}, "sent": 0, "unanswered": 0, "connection_errors": [],
-    }
-    for bucket in range(bucket_count):
-        values = array("d")
-        for part in parts:
-            values.frombytes(part["latencies"][bucket])
-        merged["latencies"].append(values)
-    history = History(len(parts[0]["history"][0]))
-    for part in parts:
-        other = History(0)
-        other.granted, other.released, other.committed, other.adjusted = part["history"]
-        history.merge(other)
-        for name in ("replies", "error_codes"):
-            for key, value in part[name].items():
-                merged[name][key] = merged[name].get(key, 0) + value
-        merged["sent"] += part["sent"]
-        merged["unanswered"] = -1 if part["unanswered"] < 0 or merged["unanswered"] < 0 else merged["unanswered"]
-        merged["connection_errors"] += part["connection_errors"]
-    merged["history"] = history
-    return merged
-
-
-def percentile(ordered, fraction: float) -> float | None:
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, int(math.ceil(fraction * len(ordered))) - 1)]
-
-
-def summarize_latencies(values) -> dict:
-    ordered = sorted(values)
-    return {f"latency_ms_{name}": (None if percentile(ordered, fraction) is None else round(percentile(ordered, fraction) * 1000, 3))
-            for name, fraction in (("p50", 0.50), ("p99", 0.99), ("p999", 0.999))}
-
-
-def verify(system, workload, before, after, history: History, merged: dict) -> dict:
-    """No oversell, and the final stock equals the acknowledged history."""
-    oversold = [index for index, (on_hand, reserved) in enumerate(after) if reserved > on_hand]
-    mismatched = []
-    for index, ((on_hand_before, reserved_before), (on_hand_after, reserved_after)) in enumerate(zip(before, after)):
-        expected_on_hand = on_hand_before + history.adjusted[index] - history.committed[index]
-        if workload.exact_reserved:
-            expected_reserved = reserved_before + history.granted[index] - history.released[index] - history.committed[index]
-        else:
-            expected_reserved = 0  # mixed: every reservation carries a ttl and has expired by now
-        if (on_hand_after, reserved_after) != (expected_on_hand, expected_reserved):
-            mismatched.append({"key": "/".join(workload.keys()[index]), "expected": [expected_on_hand, expected_reserved],
-                               "found": [on_hand_after, reserved_after]})
-    complete = merged["unanswered"] == 0 and not merged["connection_errors"]
-    return {
-        "checked": True,
-        "oversold_sku_locations": len(oversold),
-        "mismatched_sku_locations": len(mismatched) if complete else None,
-        "mismatch_examples": mismatched[:5] if complete else [],
-        "history_complete": complete,
-        "ok": not oversold and complete and not mismatched,
-    }
-
-
-async def wait_for_expiry(system, keys, before_count: int) -> list:
-    """mixed: every reservation has a short ttl; wait until the server expired them all."""
-    deadline = time.monotonic() + EXPIRY_WAIT_MAX_SECONDS
-    while True:
-        stock = await systems.read_stock(system, keys)
-        if all(reserved == 0 for _, reserved in stock) or time.monotonic() > deadline:
-            return stock
-        await trio.sleep(0.5)
-
-
 def measure(args, system, workload_name, mode, rate, seconds, run_number, idle_count=0) -> dict:
-    workload = WORKLOADS[workload_name]
-    keys = workload.keys()
-    depth = args.depth if mode == "pipelined" else 1
+    """One row of the table: `measure.measure` with this run's arguments, labelled."""
     mode_label = mode if rate is None else f"paced@{rate:,.0f}/s"
     if idle_count:
         mode_label += f" +{idle_count} idle"
-    label = f"{system.name} {workload_name} {mode_label}"
-    checked = system.kind != "echo"
-    before = None
-    if checked:
-        trio.run(systems.top_up_stock, system, keys, workload.stock_per_key, f"{run_number}")
-        if workload.ttl_ms:
-            before = trio.run(wait_for_expiry, system, keys, 0)
-        else:
-            before = trio.run(systems.read_stock, system, keys)
-    idle = open_idle_connections(system, idle_count)
-    try:
-        merged, cpu_seconds, window_seconds = run_generators(args, system, workload_name, depth, rate, seconds, label, run_number)
-    finally:
-        for connection in idle:
-            connection.close()
-    requests = sum(merged["requests"])
-    granted = sum(merged["granted"])
-    all_latencies = array("d")
-    for bucket in merged["latencies"]:
-        all_latencies.extend(bucket)
-    measurement = {
-        "system": system.name, "workload": workload_name, "mode": mode if rate is None else "paced",
-        "label": mode_label, "connections": args.connections, "depth": depth, "rate_target": rate,
-        "seconds": seconds, "idle_connections": idle_count,
-        "requests": requests, "requests_per_second": round(requests / seconds, 1),
-        "granted_reserves_per_second": round(granted / seconds, 1),
-        **summarize_latencies(all_latencies),
-        "server_cpu_seconds": round(cpu_seconds, 3), "server_cpu_window_seconds": round(window_seconds, 3),
-        "server_cpu_us_per_request": round(cpu_seconds * 1e6 / requests, 2) if requests else None,
-        "replies": merged["replies"], "error_codes": merged["error_codes"],
-        "connection_errors": merged["connection_errors"][:10],
-        "series": [
-            {"second": index, "requests": merged["requests"][index], "granted": merged["granted"][index],
-             **summarize_latencies(merged["latencies"][index])}
-            for index in range(len(merged["requests"]))
-        ],
-    }
-    if checked:
-        if workload.ttl_ms:
-            after = trio.run(wait_for_expiry, system, keys, 0)
-        else:
-            after = trio.run(systems.read_stock, system, keys)
-        measurement["verification"] = verify(system, workload, before, after, merged["history"], merged)
-    else:
-        measurement["verification"] = {"checked": False, "ok": True, "why": "echo keeps no stock"}
-    return measurement
+    load = Load(
+        workload=workload_name, connections=args.connections, depth=args.depth if mode == "pipelined" else 1,
+        seconds=seconds, warmup_seconds=args.warmup_seconds, processes=args.generator_processes, rate=rate,
+        run_tag=str(run_number), idle_connections=idle_count,
+    )
+    result = measure_load(system, load, f"{system.name} {workload_name} {mode_label}")
+    return {"system": system.name, "workload": workload_name, "mode": mode if rate is None else "paced",
+            "label": mode_label, **result}
 
 
 # --- the whole run ------------------------------------------------------------------------

@@ -31,6 +31,8 @@ _RELEASE = _key("op") + _key("release") + _key("rid")
 _COMMIT = _key("op") + _key("commit") + _key("rid")
 _ADJUST = _key("op") + _key("adjust") + _key("key")
 _GET = _key("op") + _key("get")
+_HELLO = _key("op") + _key("hello") + _key("version") + _packb(1) + _key("token")
+HELLO_REPLY_BYTES_MAX = 1 << 16
 _LINES = _key("lines")
 _TTL = _key("ttl_ms")
 
@@ -52,6 +54,20 @@ class EngineDriver:
 
     async def connect(self, host: str, port: int) -> trio.SocketStream:
         return await trio.open_tcp_stream(host, port)
+
+    async def hello(self, stream: trio.SocketStream, token: str) -> None:
+        """Authenticate `stream` with `token` (a server started with --token); raise if refused."""
+        marker = object()
+        await stream.send_all(self._frame(marker, 4, (_HELLO, _packb(token))))
+        replies: list = []
+        while not replies:
+            data = await stream.receive_some(HELLO_REPLY_BYTES_MAX)
+            if not data:
+                raise ConnectionError("the server closed the connection after hello")
+            replies = self.feed(data)
+        ((_, status, detail),) = replies
+        if status != OK:
+            raise ConnectionError(f"hello refused: {detail}")
 
     # --- requests -------------------------------------------------------------------------
 

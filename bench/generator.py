@@ -30,6 +30,8 @@ RECEIVE_BYTES_MAX = 1 << 16
 DRAIN_TIMEOUT_SECONDS = 30.0
 PROGRESS_INTERVAL_SECONDS = 0.2
 ERROR_CODES_KEPT_MAX = 50
+# What each process publishes for the live progress line, in this order (slots of a shared array).
+PROGRESS_FIELDS = ("requests", "granted", "errors")
 
 
 class Tally:
@@ -43,6 +45,8 @@ class Tally:
         self.replies: Counter = Counter()       # "op:status" over the whole run (window or not)
         self.error_codes: Counter = Counter()
         self.window_count = 0
+        self.window_granted = 0
+        self.error_count = 0                    # error replies over the whole run
         self.sent = 0
         self.unanswered = 0
         self.connection_errors: list[str] = []
@@ -67,7 +71,7 @@ class Run:
     def __init__(self, spec: dict) -> None:
         self.spec = spec
         self.workload = WORKLOADS[spec["workload"]]
-        self.keys = self.workload.keys()
+        self.keys = self.workload.keys(spec["sku_prefix"])
         self.start_at = spec["start_at"]
         self.stop_at = spec["stop_at"]
         self.bucket_count = max(1, math.ceil(self.stop_at - self.start_at - 1e-9))
@@ -79,10 +83,12 @@ class Run:
         tally = self.tally
         op = lane.op
         tally.replies[(op, status)] += 1
-        if status == ERROR and len(tally.error_codes) < ERROR_CODES_KEPT_MAX:
-            tally.error_codes[f"{OP_NAMES[op]}:{detail}"] += 1
-        elif status == ERROR:
-            tally.error_codes[f"{OP_NAMES[op]}:(other)"] += 1
+        if status == ERROR:
+            tally.error_count += 1
+            if len(tally.error_codes) < ERROR_CODES_KEPT_MAX:
+                tally.error_codes[f"{OP_NAMES[op]}:{detail}"] += 1
+            else:
+                tally.error_codes[f"{OP_NAMES[op]}:(other)"] += 1
         if self.start_at <= now < self.stop_at:
             bucket = int(now - self.start_at)
             tally.requests[bucket] += 1
@@ -90,11 +96,19 @@ class Run:
             tally.window_count += 1
             if op == RESERVE and status == OK:
                 tally.granted[bucket] += 1
+                tally.window_granted += 1
+
+    async def connect(self, driver) -> trio.SocketStream:
+        """A connection for one driver; a server that wants a token gets `hello` first."""
+        stream = await driver.connect(self.spec["host"], self.spec["port"])
+        if self.spec["token"] is not None:
+            await driver.hello(stream, self.spec["token"])
+        return stream
 
     async def closed_loop(self, number: int, depth: int) -> None:
         spec = self.spec
         driver = DRIVERS[spec["kind"]](self.keys, self.shared)
-        stream = await driver.connect(spec["host"], spec["port"])
+        stream = await self.connect(driver)
         machine = self.machine
         after = machine.after
         stop_at = self.stop_at
@@ -140,7 +154,7 @@ class Run:
     async def paced(self, number: int, interval_seconds: float, first_at: float) -> None:
         spec = self.spec
         driver = DRIVERS[spec["kind"]](self.keys, self.shared)
-        stream = await driver.connect(spec["host"], spec["port"])
+        stream = await self.connect(driver)
         machine = self.machine
         perf_counter = time.perf_counter
         lane = Lane(f"{spec['rid_prefix']}{number}.0.")
@@ -175,9 +189,17 @@ class Run:
         except (OSError, ConnectionError, trio.BrokenResourceError) as error:
             self.tally.connection_errors.append(f"{type(error).__name__}: {error}")
 
+    def publish(self, counters, index: int) -> None:
+        """Write this process's PROGRESS_FIELDS into its slots of the shared `counters`."""
+        tally = self.tally
+        base = index * len(PROGRESS_FIELDS)
+        counters[base] = tally.window_count
+        counters[base + 1] = tally.window_granted
+        counters[base + 2] = tally.error_count
+
     async def progress(self, counters, index: int) -> None:
         while True:
-            counters[index] = self.tally.window_count
+            self.publish(counters, index)
             await trio.sleep(PROGRESS_INTERVAL_SECONDS)
 
     async def main(self, counters, index: int) -> dict:
@@ -199,7 +221,7 @@ class Run:
                 self.tally.unanswered = -1  # unknown how many: the history is incomplete
             progress_nursery.cancel_scope.cancel()
         if counters is not None:
-            counters[index] = self.tally.window_count
+            self.publish(counters, index)
         result = self.tally.as_result()
         result["replies"] = {f"{OP_NAMES[op]}:{('ok', 'refused', 'error')[status]}": count
                              for (op, status), count in self.tally.replies.items()}

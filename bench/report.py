@@ -1,4 +1,4 @@
-"""The bench's output: ratios between systems, the printed table, the PNG plot."""
+"""The bench's and the load test's output: ratios between systems, the printed table, the PNG plots."""
 
 from __future__ import annotations
 
@@ -92,14 +92,27 @@ def table(output: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(output: dict, path: str) -> str:
+NO_MATPLOTLIB = ("no plot: matplotlib is not installed; install it with "
+                 "`.venv/bin/python -m pip install -e '.[bench]'` (or run scripts/install-peers)")
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), or None when it is missing."""
     try:
         import matplotlib
     except ImportError:
-        return ("no plot: matplotlib is not installed; install it with "
-                "`.venv/bin/python -m pip install -e '.[bench]'` (or run scripts/install-peers)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def plot(output: dict, path: str) -> str:
+    """The bench's PNG: per workload/mode, requests/s and p99 per second of every system. Returns what it did."""
+    pyplot = _pyplot()
+    if pyplot is None:
+        return NO_MATPLOTLIB
 
     panels: dict[tuple, list] = {}
     for m in output["measurements"]:
@@ -127,6 +140,48 @@ def plot(output: dict, path: str) -> str:
             axis.set_xlabel("second of the window")
             axis.grid(True, alpha=0.3)
             axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    pyplot.close(figure)
+    return f"wrote {path}"
+
+
+def plot_run(measurement: dict, title: str, path: str) -> str:
+    """One run's PNG: requests/s and granted reserves/s per second, and p50/p99 latency per second.
+
+    Returns what it did (the path written, or why there is no plot).
+    """
+    pyplot = _pyplot()
+    if pyplot is None:
+        return NO_MATPLOTLIB
+    from matplotlib import ticker
+
+    series = measurement["series"]
+    if not series:
+        return "no plot: no seconds measured"
+    seconds = [point["second"] + 0.5 for point in series]  # each bucket drawn at its middle
+    figure, (throughput, latency) = pyplot.subplots(1, 2, figsize=(13, 4.2))
+    throughput.plot(seconds, [point["requests"] for point in series], label="requests/s", color="tab:blue", marker=".")
+    throughput.plot(seconds, [point["granted"] for point in series], label="granted reserves/s", color="tab:green", marker=".")
+    throughput.set_title("throughput, per second of the window")
+    throughput.set_ylabel("replies per second")
+    throughput.set_ylim(bottom=0)
+    for name, color in (("p50", "tab:blue"), ("p99", "tab:red")):
+        latency.plot(seconds, [point[f"latency_ms_{name}"] or float("nan") for point in series], label=name,
+                     color=color, marker=".")
+    latency.set_title("latency of the replies in each second")
+    latency.set_ylabel("latency (ms, log scale)")
+    latency.set_yscale("log")
+    # Plain numbers (1, 1.5, 2, 3, 5, 7, 10 ms ...) instead of powers of ten.
+    latency.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    latency.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    latency.yaxis.set_minor_formatter(ticker.NullFormatter())
+    for axis in (throughput, latency):
+        axis.set_xlabel("seconds into the measured window")
+        axis.set_xlim(0, len(series))
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     pyplot.close(figure)

@@ -55,6 +55,7 @@ class RunningSystem:
     version: str
     log_path: Path
     cleanup: list = field(default_factory=list)  # callables run after the process stopped
+    token: str | None = None     # sent in `hello` on every connection (engine started with --token)
 
     @property
     def host(self) -> str:
@@ -102,6 +103,31 @@ class RunningSystem:
             except Exception as error:  # cleanup must not hide the results
                 print(f"warning: cleanup of {self.name}: {error}", file=sys.stderr)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass
+class RemoteSystem:
+    """An engine someone else runs (`scripts/loadtest --connect`): loaded and read like a started
+    one, but its processes are not ours, so no CPU figure and nothing to stop."""
+
+    host: str
+    port: int
+    token: str | None = None
+    name: str = "engine"
+    kind: str = "engine"
+    version: str = "remote"
+
+    def cpu_seconds(self) -> float | None:
+        return None
+
+    def alive(self) -> bool:
+        return True
+
+    def log_tail(self, characters: int = 2000) -> str:
+        return ""
+
+    def stop(self) -> None:
+        """Nothing to stop: the server is not ours."""
 
 
 def _children(parent: int) -> list[int]:
@@ -340,9 +366,11 @@ def start(name: str, *, baseline_revision: str | None = None, postgres_max_conne
 # --- admin calls (not timed) --------------------------------------------------------------
 
 
-async def _admin_connection(system: RunningSystem, keys: list) -> tuple:
+async def _admin_connection(system: RunningSystem | RemoteSystem, keys: list) -> tuple:
     driver = DRIVERS[system.kind](keys)
     stream = await driver.connect(system.host, system.port)
+    if system.token is not None:
+        await driver.hello(stream, system.token)
     return driver, stream
 
 

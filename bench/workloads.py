@@ -39,8 +39,9 @@ class Workload:
     exact_reserved: bool    # final reserved must equal the acknowledged history (no expiry)
     description: str
 
-    def keys(self) -> list[tuple[str, str]]:
-        return [(f"{self.name}-{index:05d}", "DC-1") for index in range(self.key_count)]
+    def keys(self, sku_prefix: str = "") -> list[tuple[str, str]]:
+        """The SKU-locations, in index order; `sku_prefix` gives a run SKU-locations of its own."""
+        return [(f"{sku_prefix}{self.name}-{index:05d}", "DC-1") for index in range(self.key_count)]
 
 
 WORKLOADS = {

@@ -1,4 +1,4 @@
-"""Command line: `python -m engine serve --host 127.0.0.1 --port 7440 --data DIR`."""
+"""Command line: `python -m engine serve --host 127.0.0.1 --port 7440 --data DIR`, and `python -m engine shell`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import trio
 
 from .config import DAY_MS, HOUR_MS, Config
+from .data_lock import DataFolderLocked
 from .server import process_started_monotonic, run_server
 
 log = logging.getLogger("engine")
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="Inventory reservation engine")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the server")
+    commands.add_parser("shell", help="the admin shell (python -m engine shell --help)", add_help=False)
     defaults = Config()
     serve.add_argument("--host", default=defaults.host, help="listen address (default %(default)s)")
     serve.add_argument("--port", type=int, default=defaults.port, help="listen port, 0 = any free port (default %(default)s)")
@@ -66,8 +68,20 @@ async def _serve_until_signalled(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["shell"]:  # the shell parses its own arguments
+        from .shell import main as shell_main
+
+        return shell_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "serve":
-        trio.run(_serve_until_signalled, config_from_args(args))
+        refusal = None
+        try:
+            trio.run(_serve_until_signalled, config_from_args(args))
+        except* DataFolderLocked as locked:  # raised inside the signal nursery: a group
+            refusal = locked.exceptions[0]
+        if refusal is not None:
+            log.error("%s", refusal)
+            return 1
     return 0

@@ -32,6 +32,7 @@ from .metrics_http import serve_metrics
 from .outbox import Outbox
 from .owners import Owners
 from .core import State
+from .data_lock import lock_data_folder
 from .recovery import recover
 from .service import Engine, wall_clock_ms
 from .storage import LmdbStorage
@@ -81,7 +82,12 @@ async def run_server(
     started_monotonic = time.monotonic() if process_started_monotonic is None else process_started_monotonic
     shutdown = shutdown if shutdown is not None else trio.Event()
     stopped = trio.Event()
-    storage = LmdbStorage(storage_path(config), config.map_size_bytes)
+    data_lock = lock_data_folder(config.data_dir)  # one server per folder: DataFolderLocked if taken
+    try:
+        storage = LmdbStorage(storage_path(config), config.map_size_bytes)
+    except BaseException:
+        data_lock.release()
+        raise
     try:
         recovery_started = time.monotonic()
         state, replayed = await trio.to_thread.run_sync(_recover_without_cyclic_gc, storage)
@@ -120,6 +126,7 @@ async def run_server(
             log_nursery.cancel_scope.cancel()
     finally:
         storage.close()
+        data_lock.release()
         stopped.set()
 
 

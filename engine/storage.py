@@ -61,6 +61,17 @@ def _checked_entry_events(key: bytes, data: bytes) -> list[Event]:
     return events
 
 
+def _encode_checked_entry(events: list[Event], after_seq: int) -> bytes:
+    """`events` checked (well formed, consecutive seqs from `after_seq + 1`) and packed."""
+    assert events
+    expected = after_seq + 1
+    for event in events:
+        check_event(event)
+        assert event["seq"] == expected, f"append of seq {event['seq']}, expected {expected}"
+        expected += 1
+    return _pack(events)
+
+
 class StorageError(Exception):
     """The log could not be written; nothing in the failed batch is durable."""
 
@@ -69,12 +80,22 @@ class LmdbStorage:
     """One LMDB environment in `path` with two databases: `log` (first seq of a group commit ->
     its events) and `snapshots` (seq -> full state)."""
 
-    def __init__(self, path: str, map_size_bytes: int):
-        os.makedirs(path, exist_ok=True)
+    def __init__(self, path: str, map_size_bytes: int, *, read_only: bool = False):
+        """Open (creating it unless `read_only`) the environment in `path`.
+
+        `read_only` is for tools reading a folder, possibly while its server runs (LMDB allows
+        readers in other processes): it needs an existing environment, and takes the map size
+        the environment has (`map_size_bytes` is ignored), so it never resizes the writer's map."""
+        if read_only:
+            if not os.path.isfile(os.path.join(path, "data.mdb")):
+                raise FileNotFoundError(f"no LMDB environment in {path}")
+        else:
+            os.makedirs(path, exist_ok=True)
         self.path = path
         self._env = lmdb.open(
             path,
-            map_size=map_size_bytes,
+            map_size=0 if read_only else map_size_bytes,  # 0: the size the environment was made with
+            readonly=read_only,
             subdir=True,
             max_dbs=4,
             sync=True,  # every write transaction fsyncs: an ack means on disk
@@ -85,8 +106,12 @@ class LmdbStorage:
             lock=True,
             max_readers=256,
         )
-        self._log = self._env.open_db(b"log")
-        self._snapshots = self._env.open_db(b"snapshots")
+        try:
+            self._log = self._env.open_db(b"log", create=not read_only)
+            self._snapshots = self._env.open_db(b"snapshots", create=not read_only)
+        except lmdb.NotFoundError as error:
+            self._env.close()
+            raise FileNotFoundError(f"{path} holds no engine log (no server has run on it)") from error
         self._last_seq = self._read_last_seq()
 
     def close(self) -> None:
@@ -121,13 +146,32 @@ class LmdbStorage:
         """Check `events` (consecutive seqs following `last_seq`) and encode them as one log
         entry. Pure CPU: the WAL does it on the event loop, so that the commit thread needs the
         GIL as little as possible."""
-        assert events
-        expected = self._last_seq + 1
-        for event in events:
-            check_event(event)
-            assert event["seq"] == expected, f"append of seq {event['seq']}, expected {expected}"
-            expected += 1
-        return _pack(events)
+        return _encode_checked_entry(events, self._last_seq)
+
+    def append_entries(self, entries: list[list[Event]]) -> int:
+        """Write several log entries (each the events of one group commit, consecutive seqs
+        following `last_seq`) in one durable transaction: for copying a log, where a commit
+        per entry would cost an fsync each."""
+        encoded: list[tuple[int, bytes]] = []
+        last_seq = self._last_seq
+        for events in entries:
+            encoded.append((events[0]["seq"], _encode_checked_entry(events, last_seq)))
+            last_seq = events[-1]["seq"]
+        try:
+            with self._env.begin(write=True, db=self._log) as txn:
+                for first_seq, data in encoded:
+                    if not txn.put(_key(first_seq), data, append=True):
+                        raise StorageError(f"log entry {first_seq} exists already")
+        except lmdb.Error as error:
+            raise StorageError(f"write-ahead log copy failed: {type(error).__name__}: {error}") from error
+        self._last_seq = last_seq
+        return last_seq
+
+    def continue_after(self, seq: int) -> None:
+        """Let an empty storage (no log, no snapshot) take `seq + 1` as its next record: a copy
+        whose log starts after a snapshot (older records were trimmed) or holds none at all."""
+        assert self._last_seq == 0 and self.first_seq() is None and not self.snapshot_seqs(), "continue_after on a storage that holds data"
+        self._last_seq = seq
 
     def append_entry(self, first_seq: int, last_seq: int, data: bytes) -> int:
         """Write one entry made by `encode_entry` in one durable transaction."""
@@ -203,6 +247,17 @@ class LmdbStorage:
             snapshot = _unpack(cursor.value())
         assert snapshot["seq"] == seq, f"snapshot under key {seq} covers seq {snapshot['seq']}"
         return snapshot
+
+    def snapshot_at(self, seq: int) -> dict[str, Any] | None:
+        """The snapshot stored under `seq`, or None."""
+        with self._env.begin(db=self._snapshots) as txn:
+            data = txn.get(_key(seq))
+        return None if data is None else _unpack(data)
+
+    def snapshot_sizes(self) -> list[tuple[int, int]]:
+        """`(seq, packed size in bytes)` of every stored snapshot, oldest first."""
+        with self._env.begin(db=self._snapshots) as txn:
+            return [(_SEQ.unpack(key)[0], len(value)) for key, value in txn.cursor()]
 
     def snapshot_seqs(self) -> list[int]:
         with self._env.begin(db=self._snapshots) as txn:

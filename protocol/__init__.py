@@ -1,7 +1,8 @@
 """Wire protocol v1 of the inventory reservation engine.
 
 Sans-IO core (`ServerProtocol`, `ClientProtocol`, typed commands, error codes) plus two pipelining
-clients built on it: `Client` (blocking sockets) and `TrioClient` (trio).
+clients built on it: `Client` (blocking sockets) and `TrioClient` (trio); and `OfflineClient`, which
+queues mutating requests in a durable SQLite outbox (`OutboxStore`) and sends them when it can.
 """
 
 from ._commands import (
@@ -62,3 +63,6 @@ from . import _errors as codes
 from . import _requests as requests
 from .client import Client
 from .trio_client import TrioClient, open_trio_client
+from ._outbox_requests import InvalidOutboxRequest
+from .outbox_store import Outcome, OutboxFull, OutboxStore, UnknownEntry
+from .offline_client import DrainerFailed, OfflineClient, OutboxInUse

@@ -151,3 +151,39 @@ async def test_a_snapshot_is_written_while_new_records_keep_arriving():
             assert wal.durable_seq >= covered
             assert wal.commits - commits_before <= 3, "the snapshot waited for the log to go quiet"
             nursery.cancel_scope.cancel()
+
+
+def test_read_only_storage_reads_what_a_writer_wrote_and_never_creates_one(tmp_path):
+    path = str(tmp_path / "lmdb")
+    with pytest.raises(FileNotFoundError):
+        LmdbStorage(path, 0, read_only=True)
+    writer = LmdbStorage(path, 64 * 1024**2)
+    writer.append([_event(1), _event(2)])
+    writer.save_snapshot({"seq": 2, "format": 3, "stocks": [], "reservations": [], "keys": []})
+    writer.close()
+    reader = LmdbStorage(path, 0, read_only=True)
+    try:
+        assert reader.last_seq == 2 and reader.first_seq() == 1
+        assert [event["seq"] for event in reader.read(1, 10)] == [1, 2]
+        assert reader.snapshot_at(2)["seq"] == 2 and reader.snapshot_at(1) is None
+        assert [seq for seq, _ in reader.snapshot_sizes()] == [2] and reader.snapshot_sizes()[0][1] > 0
+        assert reader.stats()["map_size_bytes"] == 64 * 1024**2  # the writer's map, not resized
+    finally:
+        reader.close()
+
+
+def test_append_entries_copies_many_entries_in_order_and_refuses_a_gap(storage):
+    storage.append_entries([[_event(1), _event(2)], [_event(3)]])
+    assert storage.last_seq == 3
+    assert [event["seq"] for event in storage.read(1, 10)] == [1, 2, 3]
+    with pytest.raises(AssertionError):
+        storage.append_entries([[_event(5)]])
+    assert storage.last_seq == 3
+
+
+def test_an_empty_storage_can_continue_after_a_seq(storage):
+    storage.continue_after(10)
+    storage.append([_event(11)])
+    assert storage.first_seq() == 11 and storage.last_seq == 11
+    with pytest.raises(AssertionError):
+        storage.continue_after(20)
