@@ -78,8 +78,9 @@ class Connection:
         self._input_done = False
         self._watch_from_seq: int | None = None
         self._cancel_scope = trio.CancelScope()
-        # The engine's reply sinks for the requests of the last chunk read, one per op: each
-        # carries the stamp (read time, op) of those requests to the outbox (`_reply_sink`).
+        # The engine's reply sinks for the requests of the last chunk read, one per op: each is
+        # `outbox.deliver` bound to this connection and the stamp (read time, op index) of those
+        # requests (`metrics.RequestLatency`), made once per chunk and op, not per request.
         self._read_ns = time.monotonic_ns()
         self._reply_sinks: dict[type, Any] = {}
 
@@ -131,6 +132,7 @@ class Connection:
             self._owed += len(events)
             submit = self._engine.submit
             reply_sinks = self._reply_sinks
+            deliver_to_outbox = self._outbox.deliver
             for index, event in enumerate(events):
                 if type(event) is RequestRejected:
                     self._counters["rejected_frames"] += 1
@@ -142,7 +144,8 @@ class Connection:
                     kind = type(command)
                     deliver = reply_sinks.get(kind)
                     if deliver is None:
-                        deliver = self._reply_sink(kind)
+                        stamp = (self._read_ns, OP_INDEX_OF_COMMAND[kind])
+                        deliver = reply_sinks[kind] = partial(deliver_to_outbox, self, stamp)
                     if self._authorized and not isinstance(command, _CONNECTION_COMMANDS):
                         submit(event.request_id, command, deliver)
                         continue
@@ -150,12 +153,6 @@ class Connection:
                 if stop:
                     self._owed -= len(events) - 1 - index  # the requests after it are never answered
                     return
-
-    def _reply_sink(self, kind: type) -> Any:
-        """The reply sink for requests of type `kind` in the chunk read last (made once per chunk)."""
-        stamp = (self._read_ns, OP_INDEX_OF_COMMAND[kind])
-        deliver = self._reply_sinks[kind] = partial(self._outbox.deliver, self, stamp)
-        return deliver
 
     def _handle(self, request_id: int, command: Any, nursery: trio.Nursery, deliver: Any) -> bool:
         """A request the connection answers itself. Returns True when it became a watch stream."""
