@@ -1,12 +1,27 @@
-"""The channels bench (issue 13): batch decisions on hand-made days whose answers are worked out below."""
+"""`python -m bench.channels` (issue 13): batch decisions on hand-made days whose answers are worked
+out below, the scoring that must catch an oversell, a real engine on a hand-made day, and a tiny
+generated day end to end (exit 0, JSON and PNG written).
+
+No timing assertions: the machine may be busy.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 from bench.channel_batch import simulate_batch, sync_times_ms
-from bench.channel_day import Cancel, Channel, Day, Delivery, DayShape, Order, Ship, generate_day
+from bench.channel_day import Cancel, Channel, Day, Delivery, Order, Ship, generate_day
 from bench.channel_ledger import score
+from bench.channel_realtime import RealtimeRun, check_stock, expected_stock, run_against
+from bench.channel_report import realtime_lines
+from bench.channels import day_shape, parse_args
 
+ROOT = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT_SECONDS = 60
 MINUTE_MS = 60_000
 TWO_CHANNELS = [Channel("web-1", "web"), Channel("pos-1", "pos")]
 WEB, POS = 0, 1
@@ -105,10 +120,84 @@ def test_sync_times_include_the_close_once():
     assert sync_times_ms(_minutes(60), 240) == [_minutes(60)]
 
 
+def test_the_real_time_check_fails_on_an_oversell_and_on_figures_that_disagree():
+    day = two_channels_sell_eight_each()
+    all_confirmed = {order.number: True for order in day.orders()}
+    scores = score(day, all_confirmed).scores
+    assert (scores.oversold_orders, scores.oversold_units) == (6, 6)
+    # The engine's figures for those decisions would be on_hand 10 - 16 shipped: caught.
+    assert expected_stock(day, all_confirmed) == [(-6, 0)]
+    stock_check = check_stock(day, expected_stock(day, all_confirmed), [(-6, 0)])
+    assert stock_check["ok"] is False and stock_check["oversold_count"] == 1
+    disagreeing = check_stock(day, [(0, 0)], [(1, 0)])
+    assert disagreeing["ok"] is False and disagreeing["mismatched_count"] == 1
+    run = RealtimeRun("test", all_confirmed, scores, 1.0, 32, stock_check=check_stock(day, [(0, 0)], [(0, 0)]))
+    assert run.ok is False
+    result = {"day": {"day_hours": 1}, "realtime": {
+        "requests": 32, "scores": scores.as_dict(), "wall_seconds": 1.0, "requests_per_second": 32,
+        "orders_per_second": 16, "engine": "test", "stock_check": run.stock_check, "ok": run.ok,
+        "availability_disagreements": [], "errors": []}}
+    assert realtime_lines(result)[-1].startswith("real-time check: FAILED — 6 oversold units")
+
+
+def test_the_engine_decides_the_hand_made_day_without_oversell_or_stale_refusal(server_process):
+    server = server_process()
+    day = stale_copies_and_a_cancellation()
+    run = run_against(day, "127.0.0.1", server.port, "test engine")
+    # 5 min 4 of 4: ok (0 left). Delivery: 10. 20 min 3: ok (7). 25 min 5: ok (2). 30 min 4: refused,
+    # only 2 there. 70 min 2: ok (0). 75 min: order 3 was refused, nothing to release. 80 min 9: refused.
+    assert run.confirmed == {0: True, 1: True, 2: True, 3: False, 4: True, 5: False}
+    scores = run.scores
+    assert (scores.oversold_units, scores.stale_refused_orders) == (0, 0)
+    assert (scores.confirmed_units, scores.refused_orders, scores.shipped_units) == (14, 2, 14)
+    assert run.replies == {"adjust:ok": 1, "reserve:ok": 4, "reserve:insufficient": 2, "commit:ok": 4}
+    assert run.availability_disagreements == [] and run.errors == []
+    assert run.stock_check["ok"] is True and run.ok is True
+    assert expected_stock(day, run.confirmed) == [(0, 0)]  # 4 + 10 - 14 shipped, nothing held
+
+
 def test_the_generated_day_is_the_same_for_the_same_seed():
-    shape = DayShape(seed=1, channel_counts={"web": 1, "pos": 2}, sku_count=4, orders_per_hour=200, day_hours=2,
-                     opening_stock_hours=1, delivery_hours=(1,), delivery_stock_hours=1, cancel_percent=5)
-    first = generate_day(shape)
-    assert first.events == generate_day(shape).events
-    assert first.events != generate_day(DayShape(**{**shape.__dict__, "seed": 2})).events
+    arguments = ["--orders-per-hour", "200", "--day-hours", "2", "--skus", "4"]
+    first = generate_day(day_shape(parse_args(arguments)))
+    assert first.events == generate_day(day_shape(parse_args(arguments))).events
+    assert first.events != generate_day(day_shape(parse_args(arguments + ["--seed", "2"]))).events
     assert any(isinstance(event, Delivery) for event in first.events) and first.orders()
+
+
+def run_channels(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.channels", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_SECONDS)
+
+
+def test_a_tiny_day_end_to_end_writes_the_table_json_and_plot(tmp_path):
+    prefix = tmp_path / "channels"
+    arguments = ["--orders-per-hour", "150", "--day-hours", "3", "--skus", "3", "--channels", "field=1,web=1,pos=2",
+                 "--delivery-hours", "1.5", "--sync-minutes", "15,60"]
+    completed = run_channels(*arguments, "--out", str(prefix))
+    assert completed.returncode == 0, completed.stderr[-3000:] + completed.stdout[-3000:]
+    assert "real-time  (engine)" in completed.stdout and "real-time check: OK" in completed.stdout
+    result = json.loads(prefix.with_suffix(".json").read_text())
+    realtime = result["realtime"]
+    assert realtime["ok"] is True and realtime["stock_check"]["ok"] is True
+    assert realtime["scores"]["oversold_units"] == 0 and realtime["scores"]["stale_refused_orders"] == 0
+    assert realtime["scores"]["orders"] == result["day"]["orders"] > 0
+    assert realtime["replies"]["reserve:ok"] == realtime["scores"]["confirmed_orders"]
+    # The batch rows are those of the same day decided here.
+    day = generate_day(day_shape(parse_args(arguments)))
+    for entry, minutes in zip(result["batch"], (15, 60), strict=True):
+        run = simulate_batch(day, minutes)
+        assert entry["sync_minutes"] == minutes
+        assert entry["scores"] == run.scores.as_dict()
+        assert (entry["corrections"], entry["correction_units"]) == (run.corrections, run.correction_units)
+    plot = prefix.with_suffix(".png")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not plot.exists() and "matplotlib is not installed" in completed.stderr
+
+
+def test_help_and_bad_arguments():
+    helped = run_channels("--help")
+    assert helped.returncode == 0 and "--sync-minutes" in helped.stdout and "stale refused" in helped.stdout
+    assert run_channels("--channels", "kiosk=3").returncode == 2
+    assert run_channels("--sync-minutes", "0").returncode == 2
