@@ -1,0 +1,7 @@
+"""Downstream sync: `python -m engine sync` keeps a SQL read model of the engine's stock and
+reservations, fed by `watch from_seq`, exactly once (see docs/ARCHITECTURE.md, "Downstream sync").
+
+- `read_model`: what one event changes in the rows (pure);
+- `databases`: open SQLite or PostgreSQL from a `--to` URL;
+- `sink`: the tables, the batch transaction (rows and offset together), dead letters.
+"""

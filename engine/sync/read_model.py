@@ -1,0 +1,158 @@
+"""The read model's arithmetic: what one engine event changes in the `stock` and `reservations` rows.
+
+Pure: an event in, `RowChanges` out; no database. The figures are the core's
+(`engine.core.events.apply_event`), written as *changes* rather than new values:
+
+- every stock change is a pair of deltas (`on_hand`, `reserved`); `available` follows as
+  `on_hand - reserved`. A `count` sets `on_hand` to the counted figure, and its event carries the
+  `variance` (counted minus recorded; the core asserts `on_hand + variance == counted`), so it is
+  the delta `+variance`.
+- a reservation is opened (`reserved`), closed (`released`, `expired`, `committed`) or extended.
+
+Why deltas rather than the core's `State`: a row the database rejects goes to the dead-letter
+table and the stream goes on (see `sink.py`). Later events then land on rows that lack the
+rejected event's effect, and the rejected event is applied again later, out of order, by
+`--retry-dead-letters`. Deltas commute, so the figures come out right whatever the order; the
+core's `apply_event` asserts its invariants (reserved >= 0, seq + 1, a held reservation to close)
+and would crash on exactly that situation, as it should in the engine. `tests/test_sync.py`
+folds the same events through `apply_event` and through the read model and compares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.events import (
+    ADJUSTED,
+    ADJUSTED_BATCH,
+    COUNTED,
+    COUNTED_BATCH,
+    EXTENDED,
+    FORGOTTEN,
+    RESERVED,
+    TRANSFERRED,
+    Event,
+)
+from ..core.state import COMMITTED, EXPIRED, HELD, RELEASED
+
+LineMap = dict[str, Any]  # {"sku", "loc", "qty"}: a reservation line as the protocol writes it
+
+
+@dataclass(frozen=True, slots=True)
+class StockChange:
+    """Deltas to one SKU-location's row. `available` changes by `on_hand_delta - reserved_delta`."""
+
+    sku: str
+    loc: str
+    on_hand_delta: int
+    reserved_delta: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationOpened:
+    """A new `held` reservation row."""
+
+    rid: str
+    lines: list[LineMap]
+    ref: str | None
+    expires_at_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationClosed:
+    """A `held` reservation becomes `state`; `committed` lists the committed qty per line (commits only)."""
+
+    rid: str
+    state: str
+    committed: list[LineMap] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationExtended:
+    """A `held` reservation gets a new expiry."""
+
+    rid: str
+    expires_at_ms: int
+
+
+ReservationChange = ReservationOpened | ReservationClosed | ReservationExtended
+
+
+@dataclass(frozen=True, slots=True)
+class RowChanges:
+    """Everything one event changes in the read model. `stock` has one entry per SKU-location."""
+
+    seq: int
+    stock: tuple[StockChange, ...]
+    reservation: ReservationChange | None
+
+
+class UnknownReservation(Exception):
+    """The event closes a reservation the read model does not hold (its `reserved` event is a dead letter)."""
+
+
+# Held lines of a reservation in the read model, by rid (None when the read model has no such
+# `held` reservation). A commit needs them: `reserved` drops by the held qty, `on_hand` by the
+# committed qty, and the `committed` event carries only the latter.
+HeldLinesLookup = Callable[[str], Sequence[LineMap] | None]
+
+
+def row_changes(event: Event, held_lines_of: HeldLinesLookup) -> RowChanges:
+    """The row changes of `event`. Raises `UnknownReservation` for a commit of a reservation the
+    read model does not hold. `forgotten` changes nothing: the read model keeps closed reservations.
+    """
+    kind = event["type"]
+    seq = event["seq"]
+    if kind == RESERVED:
+        stock = [StockChange(line["sku"], line["loc"], 0, line["qty"]) for line in event["lines"]]
+        opened = ReservationOpened(event["rid"], _plain_lines(event["lines"]), event["ref"], event["expires_at_ms"])
+        return RowChanges(seq, tuple(stock), opened)
+    if kind in (RELEASED, EXPIRED):
+        # The event lists the reservation's lines with their held qty.
+        stock = [StockChange(line["sku"], line["loc"], 0, -line["qty"]) for line in event["lines"]]
+        return RowChanges(seq, tuple(stock), ReservationClosed(event["rid"], kind, None))
+    if kind == COMMITTED:
+        return _committed(event, held_lines_of)
+    if kind == EXTENDED:
+        return RowChanges(seq, (), ReservationExtended(event["rid"], event["expires_at_ms"]))
+    if kind == ADJUSTED:
+        return RowChanges(seq, (StockChange(event["sku"], event["loc"], event["delta"], 0),), None)
+    if kind == COUNTED:
+        return RowChanges(seq, (StockChange(event["sku"], event["loc"], event["variance"], 0),), None)
+    if kind == ADJUSTED_BATCH:
+        return RowChanges(seq, tuple(StockChange(line["sku"], line["loc"], line["delta"], 0) for line in event["lines"]), None)
+    if kind == COUNTED_BATCH:
+        return RowChanges(seq, tuple(StockChange(line["sku"], line["loc"], line["variance"], 0) for line in event["lines"]), None)
+    if kind == TRANSFERRED:
+        qty = event["qty"]
+        source = StockChange(event["sku"], event["from"], -qty, 0)
+        target = StockChange(event["sku"], event["to"], qty, 0)
+        return RowChanges(seq, (source, target), None)
+    if kind == FORGOTTEN:
+        return RowChanges(seq, (), None)
+    raise AssertionError(f"event {seq}: unknown type {kind!r}")
+
+
+def _committed(event: Event, held_lines_of: HeldLinesLookup) -> RowChanges:
+    rid = event["rid"]
+    held = held_lines_of(rid)
+    if held is None:
+        raise UnknownReservation(f"reservation {rid!r} is not held in the read model (is its reserve a dead letter?)")
+    shipped = {(line["sku"], line["loc"]): line["qty"] for line in event["lines"]}
+    stock = [
+        StockChange(line["sku"], line["loc"], -shipped.get((line["sku"], line["loc"]), 0), -line["qty"])
+        for line in held
+    ]
+    return RowChanges(event["seq"], tuple(stock), ReservationClosed(rid, COMMITTED, _plain_lines(event["lines"])))
+
+
+def _plain_lines(lines: Sequence[LineMap]) -> list[LineMap]:
+    return [{"sku": line["sku"], "loc": line["loc"], "qty": line["qty"]} for line in lines]
+
+
+__all__ = [
+    "HELD", "HeldLinesLookup", "ReservationChange", "ReservationClosed", "ReservationExtended", "ReservationOpened",
+    "RowChanges", "StockChange", "UnknownReservation", "row_changes",
+]
