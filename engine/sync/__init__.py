@@ -5,3 +5,7 @@ reservations, fed by `watch from_seq`, exactly once (see docs/ARCHITECTURE.md, "
 - `databases`: open SQLite or PostgreSQL from a `--to` URL;
 - `sink`: the tables, the batch transaction (rows and offset together), dead letters.
 """
+
+from .command import add_sync_parser, main, run_sync_command
+
+__all__ = ["add_sync_parser", "main", "run_sync_command"]

@@ -104,6 +104,18 @@ def open_database(url: str) -> Database:
     raise UnsupportedDatabase(f"--to {url!r}: expected sqlite:///PATH or postgresql://...")
 
 
+def failure_errors(url: str) -> tuple[type[BaseException], ...]:
+    """Every error of the driver `url` needs: once outside a row's savepoint, any of them means
+    the batch did not commit, and the sync reopens the database and resumes from the offset."""
+    if url.startswith(POSTGRES_PREFIXES):
+        try:
+            import psycopg
+        except ImportError:
+            return ()
+        return (psycopg.Error,)
+    return (sqlite3.Error,)
+
+
 def _open_sqlite(path: str) -> Database:
     if not path:
         raise UnsupportedDatabase("sqlite:///PATH needs a file path (an in-memory database would be lost on exit)")
