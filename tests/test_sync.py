@@ -328,7 +328,7 @@ def test_sqlite_sync_survives_kills_and_equals_the_engine(server_process, tmp_pa
     run_kill_scenario(server_process, tmp_path, f"sqlite:///{path}", ReadModel(query), "sqlite kill test")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def postgres_server():
     """A throwaway PostgreSQL cluster on a free loopback port (bench/systems.py starts it)."""
     from bench.systems import SystemMissing, start_postgres
@@ -343,11 +343,25 @@ def postgres_server():
         system.stop()
 
 
-def test_postgresql_sync_survives_kills_and_equals_the_engine(server_process, tmp_path, postgres_server):
+_databases_made = iter(range(1_000_000))
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A new, empty database in the test cluster."""
+    psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is needed: pip install -e '.[test]'")
+    name = f"sync_{next(_databases_made)}"
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{postgres_server.port}/postgres", autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return f"postgresql://postgres@127.0.0.1:{postgres_server.port}/{name}"
+
+
+def test_postgresql_sync_survives_kills_and_equals_the_engine(server_process, tmp_path, postgres_url):
     """PostgreSQL: (a) sync killed, (b) engine killed, (c) the sync's backend terminated with
     `pg_terminate_backend` mid-stream."""
-    psycopg = pytest.importorskip("psycopg", reason="psycopg 3 is needed: pip install -e '.[test]'")
-    url = f"postgresql://postgres@127.0.0.1:{postgres_server.port}/postgres"
+    import psycopg
+
+    url = postgres_url
     admin = psycopg.connect(url, autocommit=True)
 
     def query(sql: str) -> list[tuple]:
@@ -366,3 +380,82 @@ def test_postgresql_sync_survives_kills_and_equals_the_engine(server_process, tm
         run_kill_scenario(server_process, tmp_path, url, ReadModel(query), "postgresql kill test", terminate_sync_backend)
     finally:
         admin.close()
+
+
+# The operator forbids rows for one SKU (a constraint the sync knows nothing about), then lifts it.
+REJECTED_SKU = "sku-4"
+REJECT_SQL = {
+    "sqlite": [f"CREATE TRIGGER no_{REJECTED_SKU.replace('-', '_')} BEFORE INSERT ON stock WHEN NEW.sku = '{REJECTED_SKU}'"
+               " BEGIN SELECT RAISE(ABORT, 'this SKU is not reported'); END"],
+    "postgresql": [f"ALTER TABLE stock ADD CONSTRAINT not_reported CHECK (sku <> '{REJECTED_SKU}')"],
+}
+ACCEPT_SQL = {
+    "sqlite": [f"DROP TRIGGER no_{REJECTED_SKU.replace('-', '_')}"],
+    "postgresql": ["ALTER TABLE stock DROP CONSTRAINT not_reported"],
+}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_rejected_rows_become_dead_letters_and_retry_dead_letters_replays_them(server_process, tmp_path, request, kind):
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'read-model.db'}"
+        connection = sqlite3.connect(tmp_path / "read-model.db", timeout=10, isolation_level=None)
+        query = lambda sql: connection.execute(sql).fetchall()  # noqa: E731
+    else:
+        import psycopg
+
+        url = request.getfixturevalue("postgres_url")
+        connection = psycopg.connect(url, autocommit=True)
+        query = lambda sql: connection.execute(sql).fetchall() if sql.lstrip().upper().startswith("SELECT") else connection.execute(sql) and []  # noqa: E731
+    from engine.sync.databases import open_database
+    from engine.sync.sink import ReadModelSink
+
+    sink = ReadModelSink(open_database(url))
+    sink.create_schema()
+    sink.database.close()
+    for statement in REJECT_SQL[kind]:
+        query(statement)
+    model = ReadModel(query)
+    engine = server_process()
+    metrics_port = _free_port()
+    sync = SyncProcess(tmp_path, engine.port, url, metrics_port)
+    traffic = Traffic(engine.port, seed=29)
+    try:
+        traffic.start()
+        time.sleep(1.5)
+        traffic.stopping.set()
+        traffic.join(timeout=20)
+        assert traffic.error is None, traffic.error
+        time.sleep(0.3)  # the last short-ttl reserves expire
+        durable_seq = _engine_durable_seq(engine.port)
+        _wait_for(lambda: model.offset() >= durable_seq, CATCH_UP_TIMEOUT_SECONDS, f"offset {durable_seq}", sync.log_text)
+        dead_letters = model.dead_letters()
+        assert dead_letters > 0
+        assert _metric(metrics_port, "engine_sync_dead_letters_total") == dead_letters
+        assert not any(sku == REJECTED_SKU for sku, _ in model.stock()), "the rejected SKU's rows stay out"
+        reasons = query("SELECT reason FROM dead_letters")
+        known = ("IntegrityError: ", "CheckViolation: ", "RowRejected: ", "UnknownReservation: ")
+        assert all(reason.startswith(known) for (reason,) in reasons), reasons
+        # Still refused: the retry reports them and keeps them.
+        retry = subprocess.run([sys.executable, "-m", "engine", "sync", "--to", url, "--retry-dead-letters"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert retry.returncode == 0, retry.stderr
+        assert f"retried {dead_letters} dead letter(s): 0 applied, {dead_letters} still rejected; {dead_letters} left" in retry.stdout
+
+        for statement in ACCEPT_SQL[kind]:
+            query(statement)
+        retry = subprocess.run([sys.executable, "-m", "engine", "sync", "--to", url, "--retry-dead-letters"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert retry.returncode == 0, retry.stderr
+        assert f"retried {dead_letters} dead letter(s): {dead_letters} applied, 0 still rejected; 0 left" in retry.stdout
+        stock_rows, reservation_rows = _compare_with_engine(engine.port, model, traffic.rids)
+        assert any(sku == REJECTED_SKU for sku, _ in model.stock())
+        assert sync.terminate() == 0
+        print(f"\n{kind} dead letters: {dead_letters} events refused, replayed by --retry-dead-letters;"
+              f" compared {stock_rows} stock rows and {reservation_rows} reservations: all equal")
+    finally:
+        traffic.stopping.set()
+        traffic.join(timeout=20)
+        if sync.process.poll() is None:
+            sync.kill()
+        connection.close()
