@@ -313,10 +313,8 @@ def run_kill_scenario(
                 process.kill()
 
 
-def test_sqlite_sync_survives_kills_and_equals_the_engine(server_process, tmp_path):
-    """SQLite: (a) sync killed, (b) engine killed. A lost SQLite "connection" is a failure of any
-    statement of the batch transaction: tests/test_sync_sink.py fails each one in turn."""
-    path = tmp_path / "read-model.db"
+def _sqlite_query(path: Path) -> Callable[[str], list[tuple]]:
+    """A query function on its own short connection per call (the test reads while the sync writes)."""
 
     def query(sql: str) -> list[tuple]:
         connection = sqlite3.connect(path, timeout=10)
@@ -325,7 +323,14 @@ def test_sqlite_sync_survives_kills_and_equals_the_engine(server_process, tmp_pa
         finally:
             connection.close()
 
-    run_kill_scenario(server_process, tmp_path, f"sqlite:///{path}", ReadModel(query), "sqlite kill test")
+    return query
+
+
+def test_sqlite_sync_survives_kills_and_equals_the_engine(server_process, tmp_path):
+    """SQLite: (a) sync killed, (b) engine killed. A lost SQLite "connection" is a failure of any
+    statement of the batch transaction: tests/test_sync_sink.py fails each one in turn."""
+    path = tmp_path / "read-model.db"
+    run_kill_scenario(server_process, tmp_path, f"sqlite:///{path}", ReadModel(_sqlite_query(path)), "sqlite kill test")
 
 
 @pytest.fixture(scope="module")
@@ -459,3 +464,39 @@ def test_rejected_rows_become_dead_letters_and_retry_dead_letters_replays_them(s
         if sync.process.poll() is None:
             sync.kill()
         connection.close()
+
+
+def _run_sync_once(engine_port: int, url: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", "sync", "--connect", f"127.0.0.1:{engine_port}", "--to", url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_sync_stops_with_a_clear_error_when_the_log_no_longer_holds_its_events(server_process, tmp_path):
+    engine = server_process("--log-retention-days", "0")
+    with Client("127.0.0.1", engine.port) as client:
+        for number in range(5):
+            client.adjust(f"receipt-{number}", "sku-1", "dock-a", 10, "receipt")
+        assert client.snapshot()["seq"] == 5  # trims the log records the snapshot covers
+    finished = _run_sync_once(engine.port, f"sqlite:///{tmp_path / 'fresh.db'}")
+    assert finished.returncode == 3, finished.stderr
+    assert "no longer retains the events after the read model's offset 0" in finished.stderr
+    assert "rebuild the read model into an empty database" in finished.stderr
+
+
+def test_sync_refuses_a_read_model_ahead_of_the_engine(server_process, tmp_path, data_dir):
+    url = f"sqlite:///{tmp_path / 'read-model.db'}"
+    engine = server_process()
+    with Client("127.0.0.1", engine.port) as client:
+        for number in range(5):
+            client.adjust(f"receipt-{number}", "sku-1", "dock-a", 10, "receipt")
+    sync = SyncProcess(tmp_path, engine.port, url, _free_port())
+    model = ReadModel(_sqlite_query(tmp_path / "read-model.db"))
+    _wait_for(lambda: model.offset() == 5, CATCH_UP_TIMEOUT_SECONDS, "offset 5", sync.log_text)
+    assert sync.terminate() == 0
+    engine.kill()
+    other_engine = server_process("--data", str(data_dir.parent / "other-data"))  # a new, empty engine
+    finished = _run_sync_once(other_engine.port, url)
+    assert finished.returncode == 3, finished.stderr
+    assert "the read model is at seq 5 but the engine's log ends at seq 0" in finished.stderr
