@@ -118,6 +118,12 @@ class _FailingConnection:
                     raise sqlite3.OperationalError("injected: connection lost")
                 return self._cursor.execute(statement, parameters)
 
+            def executemany(self, statement, rows):
+                outer.statements += 1
+                if outer.statements == outer.fail_at:
+                    raise sqlite3.OperationalError("injected: connection lost")
+                return self._cursor.executemany(statement, rows)
+
             def __getattr__(self, name):
                 return getattr(self._cursor, name)
 
@@ -127,9 +133,20 @@ class _FailingConnection:
         self._connection.close()
 
 
-def _statements_of_one_batch(tmp_path: Path, events: list[dict]) -> int:
-    sink = _sink(tmp_path / "count.db")
-    sink.apply_batch(events[:4])
+REJECT_S3 = "CREATE TRIGGER no_s3 BEFORE INSERT ON stock WHEN NEW.sku = 's3' BEGIN SELECT RAISE(ABORT, 'no s3 here'); END"
+
+
+def _sink_after_four(path: Path, rejecting: bool) -> ReadModelSink:
+    sink = _sink(path)
+    sink.apply_batch(_events()[:3])
+    if rejecting:  # from event 4 on, batches touching s3 fall back to one savepoint per event
+        sink.database.execute(REJECT_S3)
+    sink.apply_batch(_events()[3:4])
+    return sink
+
+
+def _statements_of_one_batch(path: Path, events: list[dict], rejecting: bool) -> int:
+    sink = _sink_after_four(path, rejecting)
     counting = _FailingConnection(sink.database.connection, fail_at=0)
     database = sink.database
     ReadModelSink(Database(counting, "sqlite", database.rejected_errors, database.failure_errors)).apply_batch(events[4:])
@@ -137,18 +154,20 @@ def _statements_of_one_batch(tmp_path: Path, events: list[dict]) -> int:
     return counting.statements
 
 
-def test_a_database_failure_at_any_statement_leaves_neither_rows_nor_offset(tmp_path):
+@pytest.mark.parametrize("rejecting", [False, True], ids=["summed", "one-by-one"])
+def test_a_database_failure_at_any_statement_leaves_neither_rows_nor_offset(tmp_path, rejecting):
     """The transaction boundary: rows and offset commit together or not at all, whichever
-    statement of the batch fails, COMMIT included. (For SQLite this stands in for a dropped
-    connection; the PostgreSQL test in test_sync.py terminates the real backend mid-stream.)"""
+    statement of the batch fails, COMMIT included; on the fast path (stock summed per batch) and
+    on the path with a savepoint per event that a refused row leads to. (For SQLite this stands
+    in for a dropped connection; the PostgreSQL test in test_sync.py terminates the real backend
+    mid-stream.)"""
     events = _events()
-    statements = _statements_of_one_batch(tmp_path, events)
-    assert statements > 40
+    statements = _statements_of_one_batch(tmp_path / "count.db", events, rejecting)
+    assert statements > (40 if rejecting else 15)
     for fail_at in range(1, statements + 1):
         path = tmp_path / f"model-{fail_at}.db"
-        sink = _sink(path)
-        sink.apply_batch(events[:4])
-        before = (_stock_rows(sink), _reservation_rows(sink), sink.read_offset())
+        sink = _sink_after_four(path, rejecting)
+        before = (_stock_rows(sink), _reservation_rows(sink), sink.read_offset(), sink.dead_letter_count())
         database = sink.database
         failing = _FailingConnection(database.connection, fail_at)
         broken = ReadModelSink(Database(failing, "sqlite", database.rejected_errors, database.failure_errors))
@@ -156,9 +175,12 @@ def test_a_database_failure_at_any_statement_leaves_neither_rows_nor_offset(tmp_
             broken.apply_batch(events[4:])
         broken.database.close()
         resumed = _sink(path)
-        assert (_stock_rows(resumed), _reservation_rows(resumed), resumed.read_offset()) == before, fail_at
+        assert (_stock_rows(resumed), _reservation_rows(resumed), resumed.read_offset(), resumed.dead_letter_count()) == before, fail_at
         offset, _ = resumed.read_offset()
         resumed.apply_batch(events[offset:])
+        if rejecting:
+            resumed.database.execute("DROP TRIGGER no_s3")
+            assert resumed.retry_dead_letters().still_rejected == 0
         assert_equal_to_core(resumed, _core_state(events))
         resumed.database.close()
 
@@ -167,9 +189,7 @@ def test_rejected_rows_go_to_dead_letters_and_replay_later(tmp_path):
     events = _events()
     sink = _sink(tmp_path / "model.db")
     # The operator forbids rows for SKU s3 (a constraint the sync knows nothing about).
-    sink.database.execute(
-        "CREATE TRIGGER no_s3 BEFORE INSERT ON stock WHEN NEW.sku = 's3' BEGIN SELECT RAISE(ABORT, 'no s3 here'); END"
-    )
+    sink.database.execute(REJECT_S3)
     outcome = sink.apply_batch(events)
     # counted_batch (4), reserve r3 (10), its expiry (11) and the multi-line reserve r5 (16).
     dead = [seq for (seq,) in sink.database.execute("SELECT seq FROM dead_letters ORDER BY seq").fetchall()]

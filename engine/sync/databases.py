@@ -59,6 +59,11 @@ class Database:
         cursor.execute(self.sql(statement), parameters)
         return cursor
 
+    def executemany(self, statement: str, rows: list[tuple]) -> None:
+        """Run one statement for each row of parameters (psycopg pipelines them: one round trip)."""
+        if rows:
+            self.connection.cursor().executemany(self.sql(statement), rows)
+
     def begin_write(self) -> None:
         """Start a write transaction. SQLite takes the write lock now (`IMMEDIATE`), so the offset
         read next cannot change under us; PostgreSQL locks the offset row with `FOR UPDATE`."""

@@ -142,7 +142,61 @@ class ReadModelSink:
 
         Events at or below the stored offset are skipped (duplicates). Raises the database's
         failure errors (nothing of the batch is then written) and `StreamGap`.
+
+        First the fast way: stock deltas summed per SKU-location and written once per batch, no
+        savepoints. If the database refuses anything, that transaction is rolled back and the
+        batch is applied again one event at a time, each in a savepoint, so that exactly the
+        refused events become dead letters.
         """
+        outcome = self._apply_batch_summed(events)
+        return outcome if outcome is not None else self._apply_batch_one_by_one(events)
+
+    def _apply_batch_summed(self, events: Sequence[Event]) -> BatchOutcome | None:
+        """The batch with stock rows written once each; None (rolled back) if a row was refused."""
+        database = self.database
+        database.begin_write()
+        try:
+            offset, offset_ts_ms = self._locked_offset()
+            stock_totals: dict[tuple[str, str], list[int]] = {}  # (sku, loc) -> [on_hand delta, reserved delta, seq]
+            applied = duplicates = 0
+            for event in events:
+                seq = event["seq"]
+                if seq <= offset:
+                    duplicates += 1
+                    continue
+                _check_follows(seq, offset)
+                changes = row_changes(event, self._held_lines)
+                self._write_reservation(changes)
+                for change in changes.stock:
+                    total = stock_totals.setdefault((change.sku, change.loc), [0, 0, seq])
+                    total[0] += change.on_hand_delta
+                    total[1] += change.reserved_delta
+                    total[2] = seq
+                applied += 1
+                offset, offset_ts_ms = seq, event["ts_ms"]
+            database.executemany(_UPSERT_STOCK, [
+                (sku, loc, on_hand_delta, reserved_delta, on_hand_delta - reserved_delta, seq)
+                for (sku, loc), (on_hand_delta, reserved_delta, seq) in stock_totals.items()
+            ])
+            if applied:
+                self._store_offset(offset, offset_ts_ms)
+            database.execute("COMMIT")
+        except (*database.rejected_errors, RowRejected, UnknownReservation):
+            pass  # a row was refused: roll back below; the caller goes one event at a time
+        except BaseException:
+            database.rollback_quietly()
+            raise
+        else:
+            return BatchOutcome(applied, duplicates, 0, offset, offset_ts_ms)
+        try:
+            database.execute("ROLLBACK")  # not quietly: if even this fails, the connection is gone
+        except BaseException:
+            database.rollback_quietly()
+            raise
+        return None
+
+    def _apply_batch_one_by_one(self, events: Sequence[Event]) -> BatchOutcome:
+        """The batch with a savepoint per event: a refused event becomes a dead letter."""
         database = self.database
         database.begin_write()
         try:
@@ -153,8 +207,7 @@ class ReadModelSink:
                 if seq <= offset:
                     duplicates += 1
                     continue
-                if seq != offset + 1:
-                    raise StreamGap(f"event {seq} after offset {offset}: events {offset + 1}..{seq - 1} are missing")
+                _check_follows(seq, offset)
                 reason = self._apply_in_savepoint(event)
                 if reason is None:
                     applied += 1
@@ -163,10 +216,7 @@ class ReadModelSink:
                     dead_lettered += 1
                 offset, offset_ts_ms = seq, event["ts_ms"]
             if applied or dead_lettered:
-                database.execute(
-                    "UPDATE sync_offset SET seq = ?, event_ts_ms = ?, updated_at_ms = ? WHERE stream = ?",
-                    (offset, offset_ts_ms, _now_ms(), OFFSET_STREAM),
-                )
+                self._store_offset(offset, offset_ts_ms)
             database.execute("COMMIT")
         except BaseException:
             database.rollback_quietly()
@@ -211,6 +261,12 @@ class ReadModelSink:
 
     # -- one event ---------------------------------------------------------------------------
 
+    def _store_offset(self, offset: int, offset_ts_ms: int | None) -> None:
+        self.database.execute(
+            "UPDATE sync_offset SET seq = ?, event_ts_ms = ?, updated_at_ms = ? WHERE stream = ?",
+            (offset, offset_ts_ms, _now_ms(), OFFSET_STREAM),
+        )
+
     def _locked_offset(self) -> tuple[int, int | None]:
         row = self.database.execute(
             "SELECT seq, event_ts_ms FROM sync_offset WHERE stream = ?" + self.database.lock_suffix, (OFFSET_STREAM,),
@@ -254,16 +310,17 @@ class ReadModelSink:
 
     def _apply(self, event: Event) -> None:
         changes = row_changes(event, self._held_lines)
-        self._write(changes)
-
-    def _write(self, changes: RowChanges) -> None:
         database = self.database
-        seq = changes.seq
         for change in changes.stock:
             database.execute(_UPSERT_STOCK, (
                 change.sku, change.loc, change.on_hand_delta, change.reserved_delta,
-                change.on_hand_delta - change.reserved_delta, seq,
+                change.on_hand_delta - change.reserved_delta, changes.seq,
             ))
+        self._write_reservation(changes)
+
+    def _write_reservation(self, changes: RowChanges) -> None:
+        database = self.database
+        seq = changes.seq
         reservation = changes.reservation
         if isinstance(reservation, ReservationOpened):
             database.execute(
@@ -295,6 +352,11 @@ class ReadModelSink:
             "INSERT INTO dead_letters (seq, event, reason, at_ms, attempts) VALUES (?, ?, ?, ?, 1)",
             (event["seq"], _json(event), reason, _now_ms()),
         )
+
+
+def _check_follows(seq: int, offset: int) -> None:
+    if seq != offset + 1:
+        raise StreamGap(f"event {seq} after offset {offset}: events {offset + 1}..{seq - 1} are missing")
 
 
 def _json(value: Any) -> str:
