@@ -500,3 +500,14 @@ def test_sync_refuses_a_read_model_ahead_of_the_engine(server_process, tmp_path,
     finished = _run_sync_once(other_engine.port, url)
     assert finished.returncode == 3, finished.stderr
     assert "the read model is at seq 5 but the engine's log ends at seq 0" in finished.stderr
+
+
+def test_sync_with_a_wrong_token_stops_at_once(server_process, tmp_path):
+    engine = server_process("--token", "secret")
+    finished = subprocess.run(
+        [sys.executable, "-m", "engine", "sync", "--connect", f"127.0.0.1:{engine.port}", "--to", f"sqlite:///{tmp_path / 'x.db'}",
+         "--token", "wrong"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert finished.returncode == 2, finished.stderr
+    assert "the engine refuses the sync: unauthorized" in finished.stderr

@@ -3,7 +3,9 @@ reservations, fed by `watch from_seq`, exactly once (see docs/ARCHITECTURE.md, "
 
 - `read_model`: what one event changes in the rows (pure);
 - `databases`: open SQLite or PostgreSQL from a `--to` URL;
-- `sink`: the tables, the batch transaction (rows and offset together), dead letters.
+- `sink`: the tables, the batch transaction (rows and offset together), dead letters;
+- `consumer`: the loop (watch, batch, apply, reconnect); `metrics`: the KPIs;
+- `command`: `python -m engine sync`, its arguments and exit codes.
 """
 
 from .command import add_sync_parser, main, run_sync_command

@@ -5,7 +5,8 @@
     python -m engine sync --to sqlite:///sync.db --retry-dead-letters
 
 Exit codes: 0 stopped by SIGTERM/SIGINT (the open batch commits first) or a finished
-`--retry-dead-letters`; 2 bad arguments or a database the sync cannot use; 3 the read model cannot
+`--retry-dead-letters`; 2 bad arguments, a database the sync cannot use, or an engine that
+refuses the sync (wrong `--token`); 3 the read model cannot
 resume from the engine's log (`CannotResume`); 4 too many dead letters.
 """
 
@@ -19,7 +20,7 @@ import threading
 
 from protocol import DEFAULT_HOST, DEFAULT_PORT
 
-from .consumer import CannotResume, SyncSettings, TooManyDeadLetters, run_sync
+from .consumer import CannotResume, EngineRefused, SyncSettings, TooManyDeadLetters, run_sync
 from .databases import UnsupportedDatabase, describe, open_database
 from .metrics import SyncMetrics
 from .sink import ReadModelSink
@@ -78,7 +79,7 @@ def run_sync_command(args: argparse.Namespace) -> int:
     log.info("sync %s:%d -> %s", settings.host, settings.port, describe(settings.url))
     try:
         run_sync(settings, metrics, stop)
-    except UnsupportedDatabase as error:
+    except (UnsupportedDatabase, EngineRefused) as error:
         log.error("%s", error)
         return EXIT_USAGE
     except CannotResume as error:

@@ -58,6 +58,11 @@ class CannotResume(Exception):
     """The read model cannot continue from the engine's log; the message says what to do."""
 
 
+class EngineRefused(Exception):
+    """The engine refuses the sync itself (a wrong `--token`, an unsupported protocol version):
+    retrying cannot help."""
+
+
 class TooManyDeadLetters(Exception):
     """The dead-letter table reached its bound: the database refuses rows wholesale, which is an
     operator's problem to fix (then `--retry-dead-letters`), not something to record forever."""
@@ -83,7 +88,8 @@ class _Backoff:
 def run_sync(settings: SyncSettings, metrics: SyncMetrics, stop: threading.Event) -> None:
     """Keep the read model in step with the engine until `stop` is set.
 
-    Raises `CannotResume` or `TooManyDeadLetters` when going on would be wrong; every other
+    Raises `CannotResume`, `EngineRefused` or `TooManyDeadLetters` when going on would be wrong
+    or useless; every other
     failure of the engine or the database is retried (logged, counted, with backoff).
     """
     database_errors = failure_errors(settings.url)
@@ -97,7 +103,7 @@ def run_sync(settings: SyncSettings, metrics: SyncMetrics, stop: threading.Event
                     sink.create_schema()
                 _stream(settings, sink, metrics, stop, backoff)
                 continue
-            except (CannotResume, TooManyDeadLetters):
+            except (CannotResume, EngineRefused, TooManyDeadLetters):
                 raise
             except database_errors as error:
                 cause = "database"
@@ -123,7 +129,7 @@ def _stream(settings: SyncSettings, sink: ReadModelSink, metrics: SyncMetrics, s
     offset, offset_ts_ms = sink.read_offset()
     dead_letters = sink.dead_letter_count()
     with Client(settings.host, settings.port, timeout_seconds=settings.engine_timeout_seconds) as client:
-        client.hello(token=settings.token, client=CLIENT_NAME)
+        _hello(client, settings.token)
         head_seq = _subscribe(client, offset)
         metrics.observe_head(head_seq)
         metrics.update_lag(offset, offset_ts_ms)
@@ -153,6 +159,15 @@ def _stream(settings: SyncSettings, sink: ReadModelSink, metrics: SyncMetrics, s
             if now >= next_progress:
                 next_progress = now + settings.progress_seconds
                 log.info("progress: %s", metrics.progress_line())
+
+
+def _hello(client: Client, token: str | None) -> None:
+    try:
+        client.hello(token=token, client=CLIENT_NAME)
+    except ServerError as error:
+        if error.code in ("unauthorized", "unsupported_version"):
+            raise EngineRefused(f"the engine refuses the sync: {error} (check --token)") from error
+        raise
 
 
 def _subscribe(client: Client, offset: int) -> int:
