@@ -300,6 +300,7 @@ def run_kill_scenario(
             assert _metric(metrics_port, 'engine_sync_failures_total{cause="database"}') >= 1
         assert _metric(metrics_port, "engine_sync_events_total") > 0
         assert sync.terminate() == 0
+        assert not any("one event at a time" in process.log_text() for process in syncs), "no row was refused: the fast path only"
         print(
             f"\n{label}: {'; '.join(kills)}; {traffic.rounds} traffic rounds, {len(traffic.granted)} reserves granted;"
             f" at seq {durable_seq} compared {stock_rows} stock rows with `get` and {reservation_rows} reservations"

@@ -59,10 +59,14 @@ class Database:
         cursor.execute(self.sql(statement), parameters)
         return cursor
 
-    def executemany(self, statement: str, rows: list[tuple]) -> None:
-        """Run one statement for each row of parameters (psycopg pipelines them: one round trip)."""
-        if rows:
-            self.connection.cursor().executemany(self.sql(statement), rows)
+    def executemany(self, statement: str, rows: list[tuple]) -> int:
+        """Run one statement for each row of parameters (psycopg pipelines them: one round trip);
+        return the rows changed, summed over all of them."""
+        if not rows:
+            return 0
+        cursor = self.connection.cursor()
+        cursor.executemany(self.sql(statement), rows)
+        return cursor.rowcount
 
     def begin_write(self) -> None:
         """Start a write transaction. SQLite takes the write lock now (`IMMEDIATE`), so the offset

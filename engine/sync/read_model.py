@@ -135,6 +135,64 @@ def row_changes(event: Event, held_lines_of: HeldLinesLookup) -> RowChanges:
     raise AssertionError(f"event {seq}: unknown type {kind!r}")
 
 
+@dataclass
+class BatchChanges:
+    """Everything a batch of events changes, gathered so that each kind of write is one
+    statement run for many rows: stock deltas summed per SKU-location, and the reservation
+    writes in the order that gives the same rows as writing them event by event."""
+
+    # (sku, loc) -> [on_hand delta, reserved delta, last seq]
+    stock: dict[tuple[str, str], list[int]]
+    opened: list[tuple[ReservationOpened, int]]  # (change, seq), in log order
+    extended: list[tuple[ReservationExtended, int]]
+    closed: list[tuple[ReservationClosed, int]]
+
+
+def rids_to_look_up(events: Sequence[Event]) -> set[str]:
+    """The rids whose held lines `batch_changes` needs from the read model: committed in the
+    batch but not reserved in it."""
+    reserved_here = {event["rid"] for event in events if event["type"] == RESERVED}
+    return {event["rid"] for event in events if event["type"] == COMMITTED and event["rid"] not in reserved_here}
+
+
+def batch_changes(events: Sequence[Event], held_before: dict[str, list[LineMap]]) -> BatchChanges:
+    """The changes of `events` (consecutive, log order). `held_before` holds the lines of the
+    `held` reservations in the read model named by `rids_to_look_up(events)`. Raises
+    `UnknownReservation` like `row_changes`.
+
+    Writing `opened`, then `extended`, then `closed` (each in log order) gives the rows that
+    event-by-event writes give: a reservation is opened before anything else happens to it,
+    extended only while held, and closed once, last.
+    """
+    held_before = dict(held_before)  # changed below: the caller's stays as it was
+    held_in_batch: dict[str, list[LineMap]] = {}
+
+    def held_lines_of(rid: str) -> Sequence[LineMap] | None:
+        lines = held_in_batch.get(rid)
+        return lines if lines is not None else held_before.get(rid)
+
+    batch = BatchChanges({}, [], [], [])
+    for event in events:
+        changes = row_changes(event, held_lines_of)
+        seq = changes.seq
+        for change in changes.stock:
+            total = batch.stock.setdefault((change.sku, change.loc), [0, 0, seq])
+            total[0] += change.on_hand_delta
+            total[1] += change.reserved_delta
+            total[2] = seq
+        reservation = changes.reservation
+        if isinstance(reservation, ReservationOpened):
+            held_in_batch[reservation.rid] = reservation.lines
+            batch.opened.append((reservation, seq))
+        elif isinstance(reservation, ReservationExtended):
+            batch.extended.append((reservation, seq))
+        elif isinstance(reservation, ReservationClosed):
+            held_in_batch.pop(reservation.rid, None)
+            held_before.pop(reservation.rid, None)  # a second close is refused, as row by row
+            batch.closed.append((reservation, seq))
+    return batch
+
+
 def _committed(event: Event, held_lines_of: HeldLinesLookup) -> RowChanges:
     rid = event["rid"]
     held = held_lines_of(rid)
@@ -153,6 +211,6 @@ def _plain_lines(lines: Sequence[LineMap]) -> list[LineMap]:
 
 
 __all__ = [
-    "HELD", "HeldLinesLookup", "ReservationChange", "ReservationClosed", "ReservationExtended", "ReservationOpened",
+    "BatchChanges", "HELD", "HeldLinesLookup", "batch_changes", "rids_to_look_up", "ReservationChange", "ReservationClosed", "ReservationExtended", "ReservationOpened",
     "RowChanges", "StockChange", "UnknownReservation", "row_changes",
 ]

@@ -13,15 +13,19 @@ Exactly-once: one batch of events is ONE transaction that writes their rows AND 
 both. Inside the transaction the offset is read again under the write lock and every event at
 or below it is skipped as a duplicate, so even two syncs on one database apply each event once.
 
-Dead letters: each event runs inside its own `SAVEPOINT`. When the database refuses one of its
-rows (a constraint the operator added, a value out of range) or the event closes a reservation
-the read model does not hold, the savepoint is rolled back, the event goes to `dead_letters` with
-the reason, and the batch goes on: the offset moves past it in the same transaction.
+Writing a batch: first the fast way, each kind of write one statement for many rows (stock
+deltas summed per SKU-location, see `read_model.batch_changes`), no savepoints. If the database
+refuses anything, that transaction is rolled back and the batch is written again one event at a
+time, each inside its own `SAVEPOINT`: when the database refuses one of its rows (a constraint
+the operator added, a value out of range) or the event closes a reservation the read model does
+not hold, the savepoint is rolled back, the event goes to `dead_letters` with the reason, and the
+batch goes on: the offset moves past it in the same transaction.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,14 +35,19 @@ from ..core.events import Event
 from .databases import Database
 from .read_model import (
     HELD,
+    BatchChanges,
     LineMap,
     ReservationClosed,
     ReservationExtended,
     ReservationOpened,
     RowChanges,
     UnknownReservation,
+    batch_changes,
+    rids_to_look_up,
     row_changes,
 )
+
+log = logging.getLogger("engine.sync")
 
 OFFSET_STREAM = "engine"  # the key of the one `sync_offset` row
 
@@ -70,6 +79,15 @@ _UPSERT_STOCK = (
     # A dead letter replayed later must not move `seq` back.
     " seq = CASE WHEN excluded.seq > stock.seq THEN excluded.seq ELSE stock.seq END"
 )
+
+_INSERT_RESERVATION = (
+    "INSERT INTO reservations (rid, state, lines, ref, expires_at_ms, committed, seq) VALUES (?, ?, ?, ?, ?, NULL, ?)"
+)
+_EXTEND_RESERVATION = "UPDATE reservations SET expires_at_ms = ?, seq = ? WHERE rid = ? AND state = ?"
+_CLOSE_RESERVATION = "UPDATE reservations SET state = ?, committed = ?, seq = ? WHERE rid = ? AND state = ?"
+
+# Rids per `SELECT ... IN (...)` of held lines: SQLite allows 32,766 parameters (since 3.32).
+HELD_LINES_PER_SELECT_MAX = 500
 
 # Reasons are kept short enough for any column and any log line.
 REASON_CHARACTERS_MAX = 500
@@ -143,42 +161,29 @@ class ReadModelSink:
         Events at or below the stored offset are skipped (duplicates). Raises the database's
         failure errors (nothing of the batch is then written) and `StreamGap`.
 
-        First the fast way: stock deltas summed per SKU-location and written once per batch, no
-        savepoints. If the database refuses anything, that transaction is rolled back and the
-        batch is applied again one event at a time, each in a savepoint, so that exactly the
-        refused events become dead letters.
+        First the fast way (`_apply_batch_summed`); if the database refuses anything, one event
+        at a time, each in a savepoint, so that exactly the refused events become dead letters.
         """
         outcome = self._apply_batch_summed(events)
-        return outcome if outcome is not None else self._apply_batch_one_by_one(events)
+        if outcome is not None:
+            return outcome
+        log.info("the database refused a row of events %d..%d: writing them one event at a time", events[0]["seq"], events[-1]["seq"])
+        return self._apply_batch_one_by_one(events)
 
     def _apply_batch_summed(self, events: Sequence[Event]) -> BatchOutcome | None:
-        """The batch with stock rows written once each; None (rolled back) if a row was refused."""
+        """The batch with each kind of write as one statement for many rows (`batch_changes`),
+        no savepoints; None (rolled back) if the database refused a row."""
         database = self.database
         database.begin_write()
         try:
             offset, offset_ts_ms = self._locked_offset()
-            stock_totals: dict[tuple[str, str], list[int]] = {}  # (sku, loc) -> [on_hand delta, reserved delta, seq]
-            applied = duplicates = 0
-            for event in events:
-                seq = event["seq"]
-                if seq <= offset:
-                    duplicates += 1
-                    continue
-                _check_follows(seq, offset)
-                changes = row_changes(event, self._held_lines)
-                self._write_reservation(changes)
-                for change in changes.stock:
-                    total = stock_totals.setdefault((change.sku, change.loc), [0, 0, seq])
-                    total[0] += change.on_hand_delta
-                    total[1] += change.reserved_delta
-                    total[2] = seq
-                applied += 1
-                offset, offset_ts_ms = seq, event["ts_ms"]
-            database.executemany(_UPSERT_STOCK, [
-                (sku, loc, on_hand_delta, reserved_delta, on_hand_delta - reserved_delta, seq)
-                for (sku, loc), (on_hand_delta, reserved_delta, seq) in stock_totals.items()
-            ])
-            if applied:
+            fresh = [event for event in events if event["seq"] > offset]
+            for event in fresh:
+                _check_follows(event["seq"], offset)
+                offset, offset_ts_ms = event["seq"], event["ts_ms"]
+            batch = batch_changes(fresh, self._held_lines_many(rids_to_look_up(fresh)))
+            self._write_batch(batch)
+            if fresh:
                 self._store_offset(offset, offset_ts_ms)
             database.execute("COMMIT")
         except (*database.rejected_errors, RowRejected, UnknownReservation):
@@ -187,13 +192,34 @@ class ReadModelSink:
             database.rollback_quietly()
             raise
         else:
-            return BatchOutcome(applied, duplicates, 0, offset, offset_ts_ms)
+            return BatchOutcome(len(fresh), len(events) - len(fresh), 0, offset, offset_ts_ms)
         try:
             database.execute("ROLLBACK")  # not quietly: if even this fails, the connection is gone
         except BaseException:
             database.rollback_quietly()
             raise
         return None
+
+    def _write_batch(self, batch: BatchChanges) -> None:
+        database = self.database
+        database.executemany(_INSERT_RESERVATION, [
+            (opened.rid, HELD, _json(opened.lines), opened.ref, opened.expires_at_ms, seq) for opened, seq in batch.opened
+        ])
+        updated = database.executemany(_EXTEND_RESERVATION, [
+            (extended.expires_at_ms, seq, extended.rid, HELD) for extended, seq in batch.extended
+        ])
+        if updated != len(batch.extended):
+            raise RowRejected("an extended reservation is not held in the read model")
+        updated = database.executemany(_CLOSE_RESERVATION, [
+            (closed.state, None if closed.committed is None else _json(closed.committed), seq, closed.rid, HELD)
+            for closed, seq in batch.closed
+        ])
+        if updated != len(batch.closed):
+            raise RowRejected("a closed reservation is not held in the read model")
+        database.executemany(_UPSERT_STOCK, [
+            (sku, loc, on_hand_delta, reserved_delta, on_hand_delta - reserved_delta, seq)
+            for (sku, loc), (on_hand_delta, reserved_delta, seq) in batch.stock.items()
+        ])
 
     def _apply_batch_one_by_one(self, events: Sequence[Event]) -> BatchOutcome:
         """The batch with a savepoint per event: a refused event becomes a dead letter."""
@@ -323,25 +349,32 @@ class ReadModelSink:
         seq = changes.seq
         reservation = changes.reservation
         if isinstance(reservation, ReservationOpened):
-            database.execute(
-                "INSERT INTO reservations (rid, state, lines, ref, expires_at_ms, committed, seq) VALUES (?, ?, ?, ?, ?, NULL, ?)",
-                (reservation.rid, HELD, _json(reservation.lines), reservation.ref, reservation.expires_at_ms, seq),
-            )
+            database.execute(_INSERT_RESERVATION, (
+                reservation.rid, HELD, _json(reservation.lines), reservation.ref, reservation.expires_at_ms, seq,
+            ))
         elif isinstance(reservation, ReservationClosed):
             committed = None if reservation.committed is None else _json(reservation.committed)
-            cursor = database.execute(
-                "UPDATE reservations SET state = ?, committed = ?, seq = ? WHERE rid = ? AND state = ?",
-                (reservation.state, committed, seq, reservation.rid, HELD),
-            )
+            cursor = database.execute(_CLOSE_RESERVATION, (reservation.state, committed, seq, reservation.rid, HELD))
             if cursor.rowcount != 1:
                 raise RowRejected(f"reservation {reservation.rid!r} is not held in the read model (is its reserve a dead letter?)")
         elif isinstance(reservation, ReservationExtended):
-            cursor = database.execute(
-                "UPDATE reservations SET expires_at_ms = ?, seq = ? WHERE rid = ? AND state = ?",
-                (reservation.expires_at_ms, seq, reservation.rid, HELD),
-            )
+            cursor = database.execute(_EXTEND_RESERVATION, (reservation.expires_at_ms, seq, reservation.rid, HELD))
             if cursor.rowcount != 1:
                 raise RowRejected(f"reservation {reservation.rid!r} is not held in the read model (is its reserve a dead letter?)")
+
+    def _held_lines_many(self, rids: set[str]) -> dict[str, list[LineMap]]:
+        """Lines of those of `rids` that are held in the read model."""
+        held: dict[str, list[LineMap]] = {}
+        ordered = sorted(rids)
+        for start in range(0, len(ordered), HELD_LINES_PER_SELECT_MAX):
+            chunk = ordered[start : start + HELD_LINES_PER_SELECT_MAX]
+            rows = self.database.execute(
+                f"SELECT rid, lines FROM reservations WHERE state = ? AND rid IN ({', '.join('?' * len(chunk))})",
+                (HELD, *chunk),
+            ).fetchall()
+            for rid, lines in rows:
+                held[rid] = json.loads(lines)
+        return held
 
     def _held_lines(self, rid: str) -> list[LineMap] | None:
         row = self.database.execute("SELECT lines FROM reservations WHERE rid = ? AND state = ?", (rid, HELD)).fetchone()
