@@ -31,6 +31,8 @@ SHORT_TTL_MS = 30  # some reserves expire by the server's timer
 LONG_TTL_MS = 600_000  # extends: never expire within a test
 CATCH_UP_TIMEOUT_SECONDS = 45
 EVENTS_PER_PHASE = 250  # the sync applies this many more events before each kill
+SYNC_KILLS = 3
+DATABASE_FAULTS = 3
 TRAFFIC_SECONDS_MAX = 90
 
 
@@ -239,7 +241,7 @@ def _metric_or_zero(port: int, name: str) -> float:
 
 def run_kill_scenario(
     server_process, folder: Path, url: str, model: ReadModel, label: str,
-    database_fault: Callable[[], None] | None = None,
+    database_fault: Callable[[], str] | None = None,
 ) -> None:
     """Traffic flows while the sync (a) is SIGKILLed and restarted, (b) loses the engine to a
     SIGKILL and a restart on the same data and port, (c) loses its database connection (when
@@ -256,12 +258,15 @@ def run_kill_scenario(
         def applied_at_least(count: int) -> None:
             _wait_for(lambda: model.offset() >= count, CATCH_UP_TIMEOUT_SECONDS, f"offset {count}", syncs[-1].log_text)
 
-        applied_at_least(EVENTS_PER_PHASE)
-        sync.kill()  # (a) the sync, mid-stream
-        kills.append(f"sync SIGKILL at offset {model.offset()}")
-        time.sleep(0.3)  # traffic goes on while no sync runs
-        sync = SyncProcess(folder, port, url, metrics_port)
-        syncs.append(sync)
+        timing = random.Random(5)
+        for _ in range(SYNC_KILLS):
+            applied_at_least(model.offset() + EVENTS_PER_PHASE)
+            time.sleep(timing.uniform(0, 0.05))
+            sync.kill()  # (a) the sync, mid-stream: gathering a batch, in its transaction, or idle
+            kills.append(f"sync SIGKILL at offset {model.offset()}")
+            time.sleep(timing.uniform(0, 0.3))  # traffic goes on while no sync runs
+            sync = SyncProcess(folder, port, url, metrics_port)
+            syncs.append(sync)
 
         applied_at_least(model.offset() + EVENTS_PER_PHASE)
         engine.kill()  # (b) the engine, mid-stream
@@ -276,9 +281,10 @@ def run_kill_scenario(
 
         applied_at_least(model.offset() + EVENTS_PER_PHASE)
         if database_fault is not None:
-            database_fault()  # (c) the database connection, mid-stream
-            kills.append(f"database connection terminated at offset {model.offset()}")
-            applied_at_least(model.offset() + EVENTS_PER_PHASE)
+            for _ in range(DATABASE_FAULTS):
+                where = database_fault()  # (c) the database connection, mid-stream
+                kills.append(f"database connection terminated at offset {model.offset()} ({where})")
+                applied_at_least(model.offset() + EVENTS_PER_PHASE)
 
         traffic.stopping.set()
         traffic.join(timeout=20)
@@ -373,13 +379,20 @@ def test_postgresql_sync_survives_kills_and_equals_the_engine(server_process, tm
     def query(sql: str) -> list[tuple]:
         return admin.execute(sql).fetchall()
 
-    def terminate_sync_backend() -> None:
+    def terminate_sync_backend() -> str:
+        """Terminate the sync's backend, inside a transaction if it is in one within 2 s."""
         deadline = time.monotonic() + 10
+        in_transaction_until = time.monotonic() + 2
         while time.monotonic() < deadline:
-            rows = query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'engine-sync'")
-            if any(terminated for (terminated,) in rows):
-                return
-            time.sleep(0.05)
+            states = "('active', 'idle in transaction')" if time.monotonic() < in_transaction_until else "('active', 'idle in transaction', 'idle')"
+            rows = query(
+                "SELECT state, pg_terminate_backend(pid) FROM pg_stat_activity"
+                f" WHERE application_name = 'engine-sync' AND state IN {states}"
+            )
+            for state, terminated in rows:
+                if terminated:
+                    return f"backend {state}"
+            time.sleep(0.002)
         raise AssertionError("no engine-sync backend to terminate")
 
     try:
