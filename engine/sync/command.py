@@ -21,7 +21,7 @@ import threading
 from protocol import DEFAULT_HOST, DEFAULT_PORT
 
 from .consumer import CannotResume, EngineRefused, SyncSettings, TooManyDeadLetters, run_sync
-from .databases import UnsupportedDatabase, describe, open_database
+from .databases import UnsupportedDatabase, check_url, describe, open_database
 from .metrics import SyncMetrics
 from .sink import ReadModelSink
 
@@ -105,6 +105,7 @@ def _settings(args: argparse.Namespace) -> SyncSettings:
         raise ValueError(f"--connect {args.connect!r}: expected HOST:PORT")
     if args.batch_events_max < 1 or args.batch_window_ms < 0 or args.dead_letters_max < 1 or args.progress_seconds <= 0:
         raise ValueError("--batch-events-max, --dead-letters-max and --progress-seconds must be positive, --batch-window-ms >= 0")
+    check_url(args.to)
     return SyncSettings(
         host=host, port=int(port), url=args.to, token=args.token,
         batch_events_max=args.batch_events_max, batch_window_seconds=args.batch_window_ms / 1000,

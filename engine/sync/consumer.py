@@ -89,8 +89,8 @@ def run_sync(settings: SyncSettings, metrics: SyncMetrics, stop: threading.Event
     """Keep the read model in step with the engine until `stop` is set.
 
     Raises `CannotResume`, `EngineRefused` or `TooManyDeadLetters` when going on would be wrong
-    or useless; every other
-    failure of the engine or the database is retried (logged, counted, with backoff).
+    or useless; every other failure of the engine or the database is retried (logged, counted,
+    with a delay that doubles per failure in a row and starts again after a committed batch).
     """
     database_errors = failure_errors(settings.url)
     backoff = _Backoff(settings.reconnect_delay_initial_seconds, settings.reconnect_delay_max_seconds)

@@ -103,14 +103,23 @@ def describe(url: str) -> str:
     return url
 
 
+def check_url(url: str) -> None:
+    """Raise `UnsupportedDatabase` unless `url` names a database the sync can write to."""
+    if url.startswith(SQLITE_PREFIX):
+        if not url[len(SQLITE_PREFIX):]:
+            raise UnsupportedDatabase("sqlite:///PATH needs a file path (an in-memory database would be lost on exit)")
+        return
+    if not url.startswith(POSTGRES_PREFIXES):
+        raise UnsupportedDatabase(f"--to {url!r}: expected sqlite:///PATH or postgresql://...")
+
+
 def open_database(url: str) -> Database:
     """Connect to the database `url` names: `sqlite:///PATH` (relative; `sqlite:////abs/path` for
     an absolute one, as SQLAlchemy writes it) or `postgresql://user@host:port/dbname`."""
+    check_url(url)
     if url.startswith(SQLITE_PREFIX):
         return _open_sqlite(url[len(SQLITE_PREFIX):])
-    if url.startswith(POSTGRES_PREFIXES):
-        return _open_postgres(url)
-    raise UnsupportedDatabase(f"--to {url!r}: expected sqlite:///PATH or postgresql://...")
+    return _open_postgres(url)
 
 
 def failure_errors(url: str) -> tuple[type[BaseException], ...]:
@@ -126,8 +135,6 @@ def failure_errors(url: str) -> tuple[type[BaseException], ...]:
 
 
 def _open_sqlite(path: str) -> Database:
-    if not path:
-        raise UnsupportedDatabase("sqlite:///PATH needs a file path (an in-memory database would be lost on exit)")
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)

@@ -1,6 +1,7 @@
-"""The read model's arithmetic: what one engine event changes in the `stock` and `reservations` rows.
+"""The read model's arithmetic: what engine events change in the `stock` and `reservations` rows.
 
-Pure: an event in, `RowChanges` out; no database. The figures are the core's
+Pure: an event in, `RowChanges` out (`row_changes`); a batch of events in, `BatchChanges` out
+(`batch_changes`: stock deltas summed, reservation writes grouped); no database. The figures are the core's
 (`engine.core.events.apply_event`), written as *changes* rather than new values:
 
 - every stock change is a pair of deltas (`on_hand`, `reserved`); `available` follows as
