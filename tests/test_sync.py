@@ -506,9 +506,13 @@ def test_sync_refuses_a_read_model_ahead_of_the_engine(server_process, tmp_path,
         for number in range(5):
             client.adjust(f"receipt-{number}", "sku-1", "dock-a", 10, "receipt")
     sync = SyncProcess(tmp_path, engine.port, url, _free_port())
-    model = ReadModel(_sqlite_query(tmp_path / "read-model.db"))
-    _wait_for(lambda: model.offset() == 5, CATCH_UP_TIMEOUT_SECONDS, "offset 5", sync.log_text)
-    assert sync.terminate() == 0
+    try:
+        model = ReadModel(_sqlite_query(tmp_path / "read-model.db"))
+        _wait_for(lambda: model.offset() == 5, CATCH_UP_TIMEOUT_SECONDS, "offset 5", sync.log_text)
+        assert sync.terminate() == 0
+    finally:
+        if sync.process.poll() is None:
+            sync.kill()
     engine.kill()
     other_engine = server_process("--data", str(data_dir.parent / "other-data"))  # a new, empty engine
     finished = _run_sync_once(other_engine.port, url)
