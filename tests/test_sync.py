@@ -401,6 +401,23 @@ def test_postgresql_sync_survives_kills_and_equals_the_engine(server_process, tm
         admin.close()
 
 
+def _database(kind: str, tmp_path: Path, request) -> tuple[str, Callable[[str], list[tuple]], Callable[[], None]]:
+    """(url, query, close) of a new read-model database of `kind` for one test."""
+    if kind == "sqlite":
+        path = tmp_path / "read-model.db"
+        return f"sqlite:///{path}", _sqlite_query(path), lambda: None
+    import psycopg
+
+    url = request.getfixturevalue("postgres_url")
+    connection = psycopg.connect(url, autocommit=True)
+
+    def query(sql: str) -> list[tuple]:
+        cursor = connection.execute(sql)
+        return cursor.fetchall() if cursor.description is not None else []
+
+    return url, query, connection.close
+
+
 # The operator forbids rows for one SKU (a constraint the sync knows nothing about), then lifts it.
 REJECTED_SKU = "sku-4"
 REJECT_SQL = {
@@ -416,16 +433,7 @@ ACCEPT_SQL = {
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_rejected_rows_become_dead_letters_and_retry_dead_letters_replays_them(server_process, tmp_path, request, kind):
-    if kind == "sqlite":
-        url = f"sqlite:///{tmp_path / 'read-model.db'}"
-        connection = sqlite3.connect(tmp_path / "read-model.db", timeout=10, isolation_level=None)
-        query = lambda sql: connection.execute(sql).fetchall()  # noqa: E731
-    else:
-        import psycopg
-
-        url = request.getfixturevalue("postgres_url")
-        connection = psycopg.connect(url, autocommit=True)
-        query = lambda sql: connection.execute(sql).fetchall() if sql.lstrip().upper().startswith("SELECT") else connection.execute(sql) and []  # noqa: E731
+    url, query, close_database = _database(kind, tmp_path, request)
     from engine.sync.databases import open_database
     from engine.sync.sink import ReadModelSink
 
@@ -477,7 +485,7 @@ def test_rejected_rows_become_dead_letters_and_retry_dead_letters_replays_them(s
         traffic.join(timeout=20)
         if sync.process.poll() is None:
             sync.kill()
-        connection.close()
+        close_database()
 
 
 def _run_sync_once(engine_port: int, url: str) -> subprocess.CompletedProcess:
@@ -529,3 +537,38 @@ def test_sync_with_a_wrong_token_stops_at_once(server_process, tmp_path):
     )
     assert finished.returncode == 2, finished.stderr
     assert "the engine refuses the sync: unauthorized" in finished.stderr
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_two_syncs_on_one_database_apply_each_event_once(server_process, tmp_path, request, kind):
+    """The offset is read again under the write lock in every batch: what one sync committed, the
+    other skips as duplicates (counted), and the figures are still the engine's."""
+    url, query, close_database = _database(kind, tmp_path, request)
+    model = ReadModel(query)
+    engine = server_process()
+    metrics_ports = [_free_port(), _free_port()]
+    syncs = [SyncProcess(tmp_path, engine.port, url, port) for port in metrics_ports]
+    traffic = Traffic(engine.port, seed=41)
+    try:
+        traffic.start()
+        time.sleep(1.5)
+        traffic.stopping.set()
+        traffic.join(timeout=20)
+        assert traffic.error is None, traffic.error
+        time.sleep(0.3)  # the last short-ttl reserves expire
+        durable_seq = _engine_durable_seq(engine.port)
+        _wait_for(lambda: model.offset() >= durable_seq, CATCH_UP_TIMEOUT_SECONDS, f"offset {durable_seq}", syncs[0].log_text)
+        stock_rows, reservation_rows = _compare_with_engine(engine.port, model, traffic.rids)
+        duplicates = sum(_metric(port, "engine_sync_duplicates_total") for port in metrics_ports)
+        assert duplicates > 0
+        for sync in syncs:
+            assert sync.terminate() == 0
+        print(f"\n{kind}, two syncs, one database: {duplicates:.0f} duplicates skipped; at seq {durable_seq} compared"
+              f" {stock_rows} stock rows and {reservation_rows} reservations: all equal")
+    finally:
+        traffic.stopping.set()
+        traffic.join(timeout=20)
+        for sync in syncs:
+            if sync.process.poll() is None:
+                sync.kill()
+        close_database()
