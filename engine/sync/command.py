@@ -20,10 +20,8 @@ import threading
 
 from protocol import DEFAULT_HOST, DEFAULT_PORT
 
-from .consumer import CannotResume, EngineRefused, SyncSettings, TooManyDeadLetters, run_sync
-from .databases import UnsupportedDatabase, check_url, describe, open_database
-from .metrics import SyncMetrics
-from .sink import ReadModelSink
+from .databases import UnsupportedDatabase, check_url, describe
+from .settings import SyncSettings
 
 log = logging.getLogger("engine.sync")
 
@@ -56,6 +54,11 @@ def add_sync_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_sync_command(args: argparse.Namespace) -> int:
     """Run `python -m engine sync` with parsed `args`; return the exit code."""
+    # Imported here, not at the top: `python -m engine serve` builds this parser too, and should
+    # not load the sync (prometheus-client alone is ~20 ms of a start measured from process start).
+    from .consumer import CannotResume, EngineRefused, TooManyDeadLetters, run_sync
+    from .metrics import SyncMetrics
+
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         settings = _settings(args)
@@ -114,6 +117,9 @@ def _settings(args: argparse.Namespace) -> SyncSettings:
 
 
 def _retry_dead_letters(url: str) -> int:
+    from .databases import open_database
+    from .sink import ReadModelSink
+
     sink = ReadModelSink(open_database(url))
     try:
         sink.create_schema()

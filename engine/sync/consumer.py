@@ -21,37 +21,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 from protocol import Client, ConnectionClosed, ProtocolViolation, ServerError
 
 from ..core.events import Event, check_event
-from .databases import open_database, failure_errors
+from .databases import failure_errors, open_database
 from .metrics import SyncMetrics
+from .settings import SyncSettings
 from .sink import ReadModelSink, StreamGap
 
 log = logging.getLogger("engine.sync")
 
 CLIENT_NAME = "engine-sync"
-
-
-@dataclass(frozen=True)
-class SyncSettings:
-    """Where to read, where to write, and the bounds of the loop."""
-
-    host: str
-    port: int
-    url: str
-    token: str | None = None
-    batch_events_max: int = 500  # events per database transaction
-    batch_window_seconds: float = 0.05  # how long a batch waits to fill once it has one event
-    idle_wait_seconds: float = 0.5  # a wait for the first event of a batch; then stop/lag/progress checks
-    engine_timeout_seconds: float = 10.0  # connect, hello, watch reply, stats
-    head_poll_seconds: float = 2.0  # `stats` for the engine's durable seq (the lag metric)
-    progress_seconds: float = 10.0  # progress line in the log
-    reconnect_delay_initial_seconds: float = 0.1
-    reconnect_delay_max_seconds: float = 5.0  # the delay doubles per failure in a row, up to this
-    dead_letters_max: int = 100_000  # past this many dead letters the sync stops (see `TooManyDeadLetters`)
 
 
 class CannotResume(Exception):
