@@ -12,6 +12,7 @@ import trio
 from .config import DAY_MS, HOUR_MS, Config
 from .data_lock import DataFolderLocked
 from .server import process_started_monotonic, run_server
+from .sync import add_sync_parser, run_sync_command
 
 log = logging.getLogger("engine")
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-retention-days", type=float, default=defaults.log_retention_ms / DAY_MS)
     serve.add_argument("--snapshot-interval-seconds", type=float, default=defaults.snapshot_interval_seconds)
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_sync_parser(commands)
     return parser
 
 
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return shell_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "sync":
+        return run_sync_command(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "serve":
         refusal = None
