@@ -66,6 +66,7 @@ async def test_collector_counts_known_traffic(start_server):
             await client.release("r4")
             while server.engine.expiries < 1:
                 await trio.sleep(0.02)
+            await server.engine.wal.flush()  # the expiry's record is applied; wait until it is durable too
             scraped = await scrape(server)
 
             assert value(scraped, "engine_requests_total", op="reserve", result="ok") == 4
