@@ -5,10 +5,13 @@ Where each command is decided:
 - `get`, `adjust`, `count`, single-line `reserve`, `transfer` (at its source): in the owner of
   the SKU-location, in order with everything else queued there.
 - multi-line `reserve`: tentative holds at each line's owner, then one decision (`coordinator`).
-- `release`, `commit`, `extend`, `lookup`, expiry, `query`: at once, in the caller's step. They
-  never depend on availability (a release or commit can always be applied), so they need no turn
-  in a mailbox; applying them synchronously keeps every stock's history in log order.
-A request naming a rid whose `reserve` is still in flight waits for that reserve to finish.
+- `release`, `commit`, `extend` of a held reservation: behind what is queued at its lines'
+  owners (in the owner of a single line; for several lines, once the last of their owners has
+  reached it), so that requests a client pipelines on one SKU-location apply in the order sent.
+- `lookup`, expiry, `query`, and `release`/`commit`/`extend` of a closed or unknown reservation
+  (they change nothing): at once, in the caller's step.
+A request naming a rid whose `reserve`, `release`, `commit` or `extend` is still in flight waits
+for it to be decided.
 
 Tentative holds never cause a refusal. A reserve or transfer that fits the real state but not
 what is left after other requests' tentative holds waits ("parks") until those holds are lifted,
@@ -32,8 +35,9 @@ import trio
 from protocol import MUTATING_COMMANDS, Adjust, AdjustBatch, Commit, Count, CountBatch, Extend, Get, Lookup, Query, Release, Reserve, Transfer, codes, error_reply
 
 from .config import Config
-from .coordinator import MultiLineHold
-from .core import HELD, Expire, Forget, Reservation, State, StockKey, apply
+from .coordinator import MultiLineHold, run_after_owners
+from .core import HELD, RECORD_STATE, Expire, Forget, Reservation, State, StockKey, apply
+from .core.state import record_lines
 from .core.events import ADJUSTED, ADJUSTED_BATCH, COUNTED, COUNTED_BATCH, EXTENDED, RESERVED, TRANSFERRED
 from .expiry import ExpiryScheduler
 from .metrics import OVERLOADED_OWNER_MAILBOX, OVERLOADED_WAL_BACKLOG, Histogram, RequestLatency
@@ -75,9 +79,9 @@ class Engine:
         self._parked: dict[StockKey, deque[Callable[[], None]]] = {}  # waiting for tentative holds there
         self._routes: dict[type, Callable[[int | None, Any, ReplySink], None]] = {
             Reserve: self._route_reserve,
-            Release: self._route_by_rid,
-            Commit: self._route_by_rid,
-            Extend: self._route_by_rid,
+            Release: self._route_to_reservation,
+            Commit: self._route_to_reservation,
+            Extend: self._route_to_reservation,
             Lookup: self._route_by_rid,
             Get: self._route_to_stock,
             Adjust: self._route_to_stock,
@@ -134,6 +138,35 @@ class Engine:
             self._with_rid(command.rid, partial(self._decide, request_id, command, reply_to))
         else:
             self._decide(request_id, command, reply_to)
+
+    def _route_to_reservation(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
+        if command.rid in self._pending_rids:
+            self._with_rid(command.rid, partial(self._behind_reservation_lines, request_id, command, reply_to))
+        else:
+            self._behind_reservation_lines(request_id, command, reply_to)
+
+    def _behind_reservation_lines(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
+        """Decide a release, commit or extend of a held reservation behind everything queued at
+        its lines' owners; the rid is in flight meanwhile (later requests naming it wait)."""
+        rid = command.rid
+        record = self.state.reservations.get(rid)
+        if record is None or record[RECORD_STATE] != HELD:
+            self._decide(request_id, command, reply_to)  # not found, or closed: it changes nothing
+            return
+        keys = [(sku, loc) for sku, loc, _ in record_lines(record)]
+        if not self.owners.has_room(keys):
+            reply_to(self._overloaded(request_id, type(command), OVERLOADED_OWNER_MAILBOX, "a SKU-location queue is full"))
+            return
+        self._pending_rids[rid] = None
+        decide = partial(self._decide_then_rid_decided, request_id, command, reply_to)
+        if len(keys) == 1:
+            self.owners.send(keys[0], decide)
+        else:
+            run_after_owners(self.owners, keys, decide)
+
+    def _decide_then_rid_decided(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
+        self._decide(request_id, command, reply_to)
+        self._rid_decided(command.rid)
 
     def _route_to_stock(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
         self._at_owner((command.sku, command.loc), request_id, command, reply_to)
