@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from .metrics import INVALID_FRAME_PREFIX, OP_INDEX_OF_COMMAND, OP_OF_COMMAND, OPS, OVERLOADED_CAUSES, OVERLOADED_CONNECTIONS, Histogram
+from .metrics import INVALID_FRAME_PREFIX, INVALID_OP_INDEX, OP_INDEX_OF_COMMAND, OP_OF_COMMAND, OPS, OVERLOADED_CAUSES, OVERLOADED_CONNECTIONS, Histogram
 
 if TYPE_CHECKING:
     from collections import Counter
@@ -80,7 +80,8 @@ class EngineCollector:
             if index is not None:  # not the engine's own expire/forget
                 ok_by_op[index] += count
         for index, count in enumerate(ok_by_op):
-            requests.add_metric([OPS[index], "ok"], count)
+            if index != INVALID_OP_INDEX:  # a frame that is not a valid request is never ok
+                requests.add_metric([OPS[index], "ok"], count)
         errors: dict[tuple[str, str], int] = {}
         for (kind, code), count in engine.errors.items():
             op = OP_OF_COMMAND.get(kind)
