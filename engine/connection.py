@@ -12,6 +12,7 @@ stream written by the writer task.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from functools import partial
@@ -78,6 +79,10 @@ class Connection:
         self._input_done = False
         self._watch_from_seq: int | None = None
         self._cancel_scope = trio.CancelScope()
+        # Idle timeout (off: None). While the reader waits between frames, its cancel scope is
+        # here: the deadline is pushed to "now + timeout" whenever the last owed reply goes out.
+        self._idle_timeout_seconds = self._config.idle_timeout_seconds
+        self._idle_scope: trio.CancelScope | None = None
         # The engine's reply sinks for the requests of the last chunk read, one per op: each is
         # `outbox.deliver` bound to this connection and the stamp (read time, op index) of those
         # requests (`metrics.RequestLatency`), made once per chunk and op, not per request.
@@ -260,8 +265,11 @@ class Connection:
             pass
 
     async def _receive(self) -> bytes:
-        """Bytes from the client; b"" when it closed, vanished, or stalled inside a frame."""
+        """Bytes from the client; b"" when it closed, vanished, stalled inside a frame, or was idle
+        for the idle timeout (a watcher is never idle: it waits for events, not for replies)."""
         if self._protocol.partial_frame_bytes == 0:
+            if self._idle_timeout_seconds is not None and self._watch_from_seq is None:
+                return await self._receive_unless_idle(self._idle_timeout_seconds)
             data = await self._transport.receive()
             self._counters["bytes_received"] += len(data)
             return data
@@ -272,6 +280,23 @@ class Connection:
             return data
         self._counters["partial_frame_timeouts"] += 1
         log.info("closing a connection stalled for %.1f s inside a frame", timeout_seconds)
+        return b""
+
+    async def _receive_unless_idle(self, timeout_seconds: float) -> bytes:
+        # Idle means: no request read and no reply owed for `timeout_seconds`. While replies are
+        # owed the deadline is infinite; `_replies_sent` starts the clock when the last goes out.
+        deadline = trio.current_time() + timeout_seconds if self._owed == 0 else math.inf
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._idle_scope = scope
+            try:
+                data = await self._transport.receive()
+            finally:
+                self._idle_scope = None
+            self._counters["bytes_received"] += len(data)
+            return data
+        self._counters["idle_timeouts"] += 1
+        name = self._identity.name if self._identity is not None else None
+        log.info("closing a connection idle for %.1f s (token %r)", timeout_seconds, name)
         return b""
 
     # -- sending ------------------------------------------------------------------------------
@@ -308,8 +333,11 @@ class Connection:
     def _replies_sent(self, count: int) -> None:
         """`count` replies are in the kernel's hands: they are owed no more."""
         self._owed -= count
-        if self._owed == 0 and self._input_done:
-            self._writer_wakeup.set()
+        if self._owed == 0:
+            if self._input_done:
+                self._writer_wakeup.set()
+            if self._idle_scope is not None:
+                self._idle_scope.deadline = trio.current_time() + self._idle_timeout_seconds
         if self._reader_wakeup is not None:
             self._reader_wakeup.set()
             self._reader_wakeup = None
