@@ -15,6 +15,7 @@ import msgpack
 import trio
 
 from bench.workloads import ERROR, OK, REFUSED
+from protocol import client_ssl_context
 
 _HEADER = struct.Struct(">I")
 _packb = msgpack.packb
@@ -52,8 +53,18 @@ class EngineDriver:
             shared["engine_keys"] = [_key("sku") + _packb(sku) + _key("loc") + _packb(loc) for sku, loc in keys]
         self.key_fields = shared["engine_keys"]
 
-    async def connect(self, host: str, port: int) -> trio.SocketStream:
-        return await trio.open_tcp_stream(host, port)
+    async def connect(self, host: str, port: int, tls_cafile: str | None = None) -> trio.abc.Stream:
+        """A TCP connection; with `tls_cafile`, TLS verified against that CA (a `trio.SSLStream`)."""
+        stream = await trio.open_tcp_stream(host, port)
+        if tls_cafile is None:
+            return stream
+        tls_stream = trio.SSLStream(stream, client_ssl_context(tls_cafile), server_hostname=host)
+        try:
+            await tls_stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tls_stream)
+            raise
+        return tls_stream
 
     async def hello(self, stream: trio.SocketStream, token: str) -> None:
         """Authenticate `stream` with `token` (a server started with --token); raise if refused."""

@@ -14,6 +14,7 @@ from .auth import AuthFileError
 from .config import DAY_MS, HOUR_MS, Config
 from .data_lock import DataFolderLocked
 from .server import RunningServer, process_started_monotonic, run_server
+from .tls import TlsConfigError
 from .sync import add_sync_parser, run_sync_command
 
 log = logging.getLogger("engine")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(_serve_until_signalled, config_from_args(args))
         except* DataFolderLocked as locked:  # raised inside the signal nursery: a group
             refusal, exit_code = locked.exceptions[0], 1
-        except* (InsecureListenRefused, AuthFileError) as misconfigured:
+        except* (InsecureListenRefused, AuthFileError, TlsConfigError) as misconfigured:
             refusal, exit_code = misconfigured.exceptions[0], 2
         if refusal is not None:
             log.error("%s", refusal)

@@ -35,6 +35,7 @@ from .data_lock import lock_data_folder
 from .recovery import recover
 from .service import Engine, wall_clock_ms
 from .storage import LmdbStorage
+from .tls import TlsHandshakeFailed, TlsTransport, server_ssl_context
 from .transport import ConnectionLost, SocketTransport, open_listener, serve
 from .wal import WriteAheadLog
 
@@ -84,6 +85,11 @@ async def run_server(
     stopped = trio.Event()
     check_listen_address(config)  # InsecureListenRefused: beyond loopback without auth
     access = AccessControl.from_config(config)  # AuthFileError: a bad --auth file
+    make_transport: Callable = SocketTransport
+    if config.tls_cert_file is not None:
+        assert config.tls_key_file is not None, "a TLS certificate needs its key"
+        tls_context = server_ssl_context(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)  # TlsConfigError
+        make_transport = partial(TlsTransport, context=tls_context)
     data_lock = lock_data_folder(config.data_dir)  # one server per folder: DataFolderLocked if taken
     try:
         storage = LmdbStorage(storage_path(config), config.map_size_bytes)
@@ -110,7 +116,7 @@ async def run_server(
                 port = listener.getsockname()[1]
                 counters: Counter = Counter()
                 handler = partial(_handle_connection, engine=engine, counters=counters, access=access)
-                service_nursery.start_soon(serve, listener, handler)
+                service_nursery.start_soon(serve, listener, handler, make_transport)
                 metrics_port = None
                 if config.metrics_port is not None:
                     # Imported here: prometheus_client costs ~20 ms of start-up, for servers without metrics too.
@@ -119,7 +125,8 @@ async def run_server(
 
                     registry = build_registry(EngineCollector(engine, counters, recovery_seconds, replayed, access))
                     metrics_port = await service_nursery.start(serve_metrics, config.host, config.metrics_port, registry)
-                log.info("listening on %s:%d (data in %s, seq %d, %d records replayed)", config.host, port, config.data_dir, state.seq, replayed)
+                log.info("listening on %s:%d%s (data in %s, seq %d, %d records replayed)", config.host, port,
+                         " (TLS)" if config.tls_cert_file is not None else "", config.data_dir, state.seq, replayed)
                 _log_start_up(started_monotonic, recovery_seconds, state.seq, replayed)
                 task_status.started(RunningServer(config.host, port, engine, shutdown, stopped, metrics_port, access))
                 await shutdown.wait()
@@ -134,6 +141,21 @@ async def run_server(
         storage.close()
         data_lock.release()
         stopped.set()
+
+
+async def _tls_handshake(transport: TlsTransport, timeout_seconds: float, counters: Counter) -> bool:
+    """Complete the handshake within `timeout_seconds`; False (logged, counted) if it failed."""
+    with trio.move_on_after(timeout_seconds):
+        try:
+            await transport.handshake()
+            return True
+        except TlsHandshakeFailed as error:
+            counters["tls_handshake_failures"] += 1
+            log.info("TLS handshake failed: %s", error)
+            return False
+    counters["tls_handshake_failures"] += 1
+    log.info("TLS handshake not completed within %.1f s", timeout_seconds)
+    return False
 
 
 # The state is millions of small, acyclic objects (freed by reference counting alone). What
@@ -211,6 +233,8 @@ def _tune_interpreter() -> None:
 
 
 async def _handle_connection(transport: SocketTransport, *, engine: Engine, counters: Counter, access: AccessControl) -> None:
+    if isinstance(transport, TlsTransport) and not await _tls_handshake(transport, engine.config.tls_handshake_timeout_seconds, counters):
+        return
     if counters["open"] >= engine.config.connections_max:
         counters["refused"] += 1
         reply = error_reply(None, codes.OVERLOADED, f"too many connections ({engine.config.connections_max}); retry later")

@@ -130,9 +130,13 @@ def open_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
-async def serve(listener: socket.socket, handler: Callable[[SocketTransport], Awaitable[None]]) -> None:
-    """Accept connections until cancelled; each runs `handler(transport)` in a child task, which
-    closes the transport when it returns."""
+async def serve(
+    listener: socket.socket,
+    handler: Callable[[SocketTransport], Awaitable[None]],
+    make_transport: Callable[[socket.socket], SocketTransport] = SocketTransport,
+) -> None:
+    """Accept connections until cancelled; each runs `handler(make_transport(socket))` in a child
+    task, which closes the transport when it returns (`make_transport`: e.g. `tls.TlsTransport`)."""
 
     async def run(transport: SocketTransport) -> None:
         try:
@@ -154,7 +158,7 @@ async def serve(listener: socket.socket, handler: Callable[[SocketTransport], Aw
                     log.error("accept failed (%s); backing off for %.1f s", error, ACCEPT_BACKOFF_SECONDS)
                     await trio.sleep(ACCEPT_BACKOFF_SECONDS)
                     continue
-                nursery.start_soon(run, SocketTransport(sock))
+                nursery.start_soon(run, make_transport(sock))
                 await trio.lowlevel.checkpoint()  # a flood of connections must not starve the rest
     finally:
         trio.lowlevel.notify_closing(listener)
