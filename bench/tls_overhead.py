@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (default %(default)s)")
     parser.add_argument("--modes", default="pooled,pipelined", help="comma list of pooled, pipelined (default %(default)s)")
     parser.add_argument("--workload", default="hot", choices=sorted(cli.WORKLOADS), help="default %(default)s")
+    parser.add_argument("--generator-tls", choices=("lean", "sslstream"), default="lean",
+                        help="the generator's TLS client: bench/tls_stream.py (lean) or trio.SSLStream (default %(default)s)")
     parser.add_argument("--output", default=str(RESULTS / "tls_overhead.json"))
     options = parser.parse_args(argv)
     args = cli.parse_args(["--systems", "engine", "--seconds", str(options.seconds), "--warmup-seconds", "1"])
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         running.append(systems.start_engine("engine", extra_args=ENGINE_ARGS))
         tls = systems.start_engine("engine+tls", extra_args=(*ENGINE_ARGS, "--tls-cert", cert_file, "--tls-key", key_file))
         tls.tls_cafile = ca_file
+        tls.tls_library = options.generator_tls
         running.append(tls)
         results: dict[str, dict[str, list[dict]]] = {mode: {system.name: [] for system in running} for mode in modes}
         run_number = int(time.time()) % 100_000 * 100
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(certificates, ignore_errors=True)
 
     print(f"\n{options.workload}, {args.connections} connections (pipelined: depth {args.depth}), "
-          f"{options.seconds:g} s per run, {options.rounds} rounds")
+          f"{options.seconds:g} s per run, {options.rounds} rounds, generator TLS: {options.generator_tls}")
     summary: dict[str, dict] = {}
     for mode in modes:
         summary[mode] = {}

@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca is not None and args.tls_cert is None):
             log.error("--tls-cert and --tls-key go together, and --tls-client-ca needs them")
             return 2
+        if args.auth is not None and args.token is not None:
+            log.error("--auth and --token do not go together: put the token in the auth file (role admin)")
+            return 2
         if args.idle_timeout_seconds is not None and args.idle_timeout_seconds <= 0:
             log.error("--idle-timeout-seconds must be positive")
             return 2

@@ -171,6 +171,8 @@ class EngineCollector:
         yield _counter("engine_reading_pauses", "Times a connection stopped reading because it owed too many replies.", counters["reading_paused"])
         yield _counter("engine_received_bytes", "Bytes received from clients.", counters["bytes_received"])
         yield _counter("engine_sent_bytes", "Bytes sent to clients.", counters["bytes_sent"])
+        yield _counter("engine_idle_timeouts", "Connections closed by the idle timeout (--idle-timeout-seconds).", counters["idle_timeouts"])
+        yield _counter("engine_tls_handshake_failures", "TLS connections closed before their handshake completed.", counters["tls_handshake_failures"])
 
 
     def _access_families(self, access: "AccessControl") -> Iterator[Metric]:

@@ -293,6 +293,15 @@ def test_the_server_process_refuses_to_listen_beyond_loopback_without_auth(tmp_p
     assert not (tmp_path / "data").exists()
 
 
+def test_auth_file_and_single_token_do_not_go_together(tmp_path):
+    auth_file = write_auth_file(tmp_path / "auth.toml", SECRETS)
+    completed = subprocess.run(
+        [sys.executable, "-m", "engine", "serve", "--port", "0", "--data", str(tmp_path / "data"), "--auth", str(auth_file), "--token", "t"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert completed.returncode == 2 and "--auth and --token do not go together" in completed.stderr
+
+
 def test_a_bad_auth_file_stops_the_server_at_start(tmp_path):
     (tmp_path / "auth.toml").write_text("[[tokens]]\nname = 'x'\nsecret = 'short'\nrole = 'admin'\n")
     completed = subprocess.run(

@@ -196,18 +196,32 @@ async def test_tls_transport_partial_sends_deliver_every_byte_in_order(certifica
     assert len(offers) > 1, "the test must reach a full socket buffer (a partial send)"
 
 
-async def test_the_bench_driver_connects_over_tls(start_server, certificates):
+@pytest.mark.parametrize("tls_library", ["lean", "sslstream"])
+async def test_the_bench_driver_connects_over_tls(start_server, certificates, tls_library):
     from bench.engine_driver import EngineDriver
     from bench.workloads import OK
 
     server = await start_server(**certificates.server_config(), token="bench-token")
     driver = EngineDriver([("sku", "dock")])
     with trio.fail_after(TIMEOUT):
-        stream = await driver.connect(server.host, server.port, tls_cafile=certificates.ca_file)
+        stream = await driver.connect(server.host, server.port, tls_cafile=certificates.ca_file, tls_library=tls_library)
         async with stream:
             await driver.hello(stream, "bench-token")
-            await stream.send_all(driver.get("first", 0))
+            await stream.send_all(b"".join(driver.get(number, 0) for number in range(3000)))  # many records each way
             replies = []
-            while not replies:
-                replies = driver.feed(await stream.receive_some(65536))
-    assert [(token, status) for token, status, _ in replies] == [("first", OK)]
+            while len(replies) < 3000:
+                data = await stream.receive_some(65536)
+                assert data
+                replies += driver.feed(data)
+    assert sorted(token for token, status, _ in replies if status == OK) == list(range(3000))
+
+
+async def test_the_connection_limit_answers_overloaded_over_tls(start_server, certificates):
+    server = await start_server(**certificates.server_config(), connections_max=1)
+    with trio.fail_after(TIMEOUT):
+        async with open_trio_client(server.host, server.port, cafile=certificates.ca_file) as first:
+            assert (await first.ping())["ok"] is True
+            with pytest.raises(ConnectionClosed, match="overloaded"):
+                async with open_trio_client(server.host, server.port, cafile=certificates.ca_file) as second:
+                    await second.ping()
+            assert (await first.ping())["ok"] is True
