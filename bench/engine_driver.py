@@ -14,7 +14,9 @@ import struct
 import msgpack
 import trio
 
+from bench.tls_stream import LeanTlsStream
 from bench.workloads import ERROR, OK, REFUSED
+from protocol import client_ssl_context
 
 _HEADER = struct.Struct(">I")
 _packb = msgpack.packb
@@ -52,8 +54,25 @@ class EngineDriver:
             shared["engine_keys"] = [_key("sku") + _packb(sku) + _key("loc") + _packb(loc) for sku, loc in keys]
         self.key_fields = shared["engine_keys"]
 
-    async def connect(self, host: str, port: int) -> trio.SocketStream:
-        return await trio.open_tcp_stream(host, port)
+    async def connect(self, host: str, port: int, tls_cafile: str | None = None, tls_library: str = "lean") -> trio.abc.Stream:
+        """A TCP connection; with `tls_cafile`, TLS verified against that CA, through
+        `bench.tls_stream.LeanTlsStream` (`tls_library` "lean") or `trio.SSLStream` ("sslstream")."""
+        stream = await trio.open_tcp_stream(host, port)
+        if tls_cafile is None:
+            return stream
+        context = client_ssl_context(tls_cafile)
+        try:
+            if tls_library == "lean":
+                lean = LeanTlsStream(stream, context, server_hostname=host)
+                await lean.handshake()
+                return lean
+            assert tls_library == "sslstream", f"unknown TLS library {tls_library!r}"
+            tls_stream = trio.SSLStream(stream, context, server_hostname=host)
+            await tls_stream.do_handshake()
+            return tls_stream
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
 
     async def hello(self, stream: trio.SocketStream, token: str) -> None:
         """Authenticate `stream` with `token` (a server started with --token); raise if refused."""

@@ -100,7 +100,11 @@ class Run:
 
     async def connect(self, driver) -> trio.SocketStream:
         """A connection for one driver; a server that wants a token gets `hello` first."""
-        stream = await driver.connect(self.spec["host"], self.spec["port"])
+        if self.spec.get("tls_cafile") is not None:
+            stream = await driver.connect(self.spec["host"], self.spec["port"], tls_cafile=self.spec["tls_cafile"],
+                                          tls_library=self.spec["tls_library"])
+        else:
+            stream = await driver.connect(self.spec["host"], self.spec["port"])
         if self.spec["token"] is not None:
             await driver.hello(stream, self.spec["token"])
         return stream

@@ -56,6 +56,8 @@ class RunningSystem:
     log_path: Path
     cleanup: list = field(default_factory=list)  # callables run after the process stopped
     token: str | None = None     # sent in `hello` on every connection (engine started with --token)
+    tls_cafile: str | None = None  # connect with TLS, trusting this CA (engine started with --tls-cert)
+    tls_library: str = "lean"    # the generator's TLS: lean (bench/tls_stream.py) or sslstream (trio.SSLStream)
 
     @property
     def host(self) -> str:
@@ -113,6 +115,7 @@ class RemoteSystem:
     host: str
     port: int
     token: str | None = None
+    tls_cafile: str | None = None
     name: str = "engine"
     kind: str = "engine"
     version: str = "remote"
@@ -368,7 +371,10 @@ def start(name: str, *, baseline_revision: str | None = None, postgres_max_conne
 
 async def _admin_connection(system: RunningSystem | RemoteSystem, keys: list) -> tuple:
     driver = DRIVERS[system.kind](keys)
-    stream = await driver.connect(system.host, system.port)
+    if system.tls_cafile is not None:
+        stream = await driver.connect(system.host, system.port, tls_cafile=system.tls_cafile, tls_library=system.tls_library)
+    else:
+        stream = await driver.connect(system.host, system.port)
     if system.token is not None:
         await driver.hello(stream, system.token)
     return driver, stream

@@ -16,7 +16,14 @@ class Config:
     port: int = DEFAULT_PORT  # 0 = any free port (tests)
     data_dir: str = "data"
     metrics_port: int | None = None  # Prometheus `/metrics` on host:metrics_port (None: off; 0: any free port)
-    token: str | None = None  # when set, a connection must `hello` with it first
+    token: str | None = None  # when set, a connection must `hello` with it first (one admin token)
+    auth_file: str | None = None  # TOML file of named tokens with roles (engine/auth.py); re-read on SIGHUP
+    insecure: bool = False  # allow listening beyond loopback without auth (logged as a warning)
+    # TLS (PEM files): with cert and key set, every connection is TLS; with the client CA set too,
+    # clients must present a certificate signed by it.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
 
     max_frame_bytes: int = MAX_FRAME_BYTES
     # LMDB reserves address space, not disk: a large map costs nothing until used.
@@ -29,6 +36,10 @@ class Config:
     # trickles (or stalls in) a frame would otherwise hold a connection slot forever. An idle
     # connection between frames is fine and is kept.
     partial_frame_timeout_seconds: float = 30.0
+    # A connection that sends no request for this long while it is owed no reply is closed (None:
+    # never; order systems keep pooled connections open for hours). Watchers are never idle.
+    idle_timeout_seconds: float | None = None
+    tls_handshake_timeout_seconds: float = 10.0  # a TLS client that does not finish its handshake is dropped
     mailbox_messages_max: int = 16_384  # per owner task (each owns a partition of SKU-locations)
     wal_backlog_max: int = 200_000  # records applied but not yet committed
 

@@ -11,8 +11,8 @@ stream written by the writer task.
 
 from __future__ import annotations
 
-import hmac
 import logging
+import math
 import time
 from collections import deque
 from functools import partial
@@ -23,7 +23,9 @@ import trio
 import protocol
 from protocol import Hello, Ping, RequestRejected, Snapshot, Stats, Watch, codes, error_reply
 
-from .metrics import INVALID_FRAME_PREFIX, INVALID_OP_INDEX, OP_INDEX_OF_COMMAND
+from .access import ANONYMOUS_NAME, HELLO_ACCEPTED, HELLO_REFUSED, AccessControl
+from .auth import Identity, Role, role_needed
+from .metrics import INVALID_FRAME_PREFIX, INVALID_OP_INDEX, OP_INDEX_OF_COMMAND, OP_OF_COMMAND
 from .outbox import Stamp
 from .service import Engine
 from .transport import ConnectionLost, SocketTransport
@@ -34,11 +36,6 @@ log = logging.getLogger("engine.connection")
 LINGER_SECONDS = 2.0
 LINGER_DISCARD_BYTES_MAX = 4 * 1024 * 1024
 SERVER_NAME = "inventory-reservation-engine/0.1"
-
-
-def _same_secret(offered: str | None, expected: str) -> bool:
-    # Constant time, so the token cannot be guessed byte by byte from reply timing.
-    return offered is not None and hmac.compare_digest(offered.encode("utf-8"), expected.encode("utf-8"))
 
 
 async def linger(transport: SocketTransport, seconds: float = LINGER_SECONDS) -> None:
@@ -56,14 +53,18 @@ async def linger(transport: SocketTransport, seconds: float = LINGER_SECONDS) ->
 
 
 class Connection:
-    def __init__(self, transport: SocketTransport, engine: Engine, counters: dict[str, int]):
+    def __init__(self, transport: SocketTransport, engine: Engine, counters: dict[str, int], access: AccessControl):
         self._transport = transport
         self._engine = engine
         self._outbox = engine.outbox
         self._config = engine.config
         self._counters = counters
         self._protocol = protocol.ServerProtocol(self._config.max_frame_bytes)
-        self._authorized = self._config.token is None
+        # Who this connection is (set by a successful hello when auth is on), and the engine
+        # commands it may send: the request path checks membership in this set, nothing more.
+        self._access = access
+        self._identity: Identity | None = None
+        self._engine_commands_allowed = _ENGINE_COMMANDS_ALLOWED[None if access.required else Role.ADMIN]
         # The outbox's view of this connection (see `outbox.ReplyTarget`).
         self.closed = False
         self.ready: list[bytes] = []
@@ -78,6 +79,10 @@ class Connection:
         self._input_done = False
         self._watch_from_seq: int | None = None
         self._cancel_scope = trio.CancelScope()
+        # Idle timeout (off: None). While the reader waits between frames, its cancel scope is
+        # here: the deadline is pushed to "now + timeout" whenever the last owed reply goes out.
+        self._idle_timeout_seconds = self._config.idle_timeout_seconds
+        self._idle_scope: trio.CancelScope | None = None
         # The engine's reply sinks for the requests of the last chunk read, one per op: each is
         # `outbox.deliver` bound to this connection and the stamp (read time, op index) of those
         # requests (`metrics.RequestLatency`), made once per chunk and op, not per request.
@@ -98,6 +103,7 @@ class Connection:
             if self._protocol.broken and not self._transport.closed:
                 await linger(self._transport)
         finally:
+            self._forget_identity()
             self.closed = True
             self.ready.clear()
             self.ready_stamps.clear()
@@ -133,6 +139,7 @@ class Connection:
             submit = self._engine.submit
             reply_sinks = self._reply_sinks
             deliver_to_outbox = self._outbox.deliver
+            allowed = self._engine_commands_allowed
             for index, event in enumerate(events):
                 if type(event) is RequestRejected:
                     self._counters["rejected_frames"] += 1
@@ -146,10 +153,11 @@ class Connection:
                     if deliver is None:
                         stamp = (self._read_ns, OP_INDEX_OF_COMMAND[kind])
                         deliver = reply_sinks[kind] = partial(deliver_to_outbox, self, stamp)
-                    if self._authorized and not isinstance(command, _CONNECTION_COMMANDS):
+                    if kind in allowed:
                         submit(event.request_id, command, deliver)
                         continue
                     stop = self._handle(event.request_id, command, nursery, deliver)  # True: it became a watch
+                    allowed = self._engine_commands_allowed  # a hello may have changed it
                 if stop:
                     self._owed -= len(events) - 1 - index  # the requests after it are never answered
                     return
@@ -164,8 +172,10 @@ class Connection:
 
         if isinstance(command, Hello):
             counted(self._hello(request_id, command))
-        elif not self._authorized:
-            counted(error_reply(request_id, codes.UNAUTHORIZED, "send hello with a valid token first", seq=0))
+            return False
+        refusal = self._refusal(request_id, kind)
+        if refusal is not None:
+            counted(refusal)
         elif isinstance(command, Ping):
             counted({"id": request_id, "ok": True, "seq": 0})
         elif isinstance(command, Stats):
@@ -181,17 +191,50 @@ class Connection:
             raise AssertionError(f"not a connection command: {command!r}")
         return False
 
+    def _refusal(self, request_id: int, kind: type) -> dict[str, Any] | None:
+        """The `unauthorized` reply to an op this connection's role does not allow, or None."""
+        if not self._access.required:
+            return None
+        op = OP_OF_COMMAND[kind]
+        needed = role_needed(op)
+        identity = self._identity
+        if identity is not None and identity.role >= needed:
+            return None
+        if identity is None:
+            self._access.unauthorized[(ANONYMOUS_NAME, op)] += 1
+            message = f"send hello with a valid token first (op {op} needs role {needed.label})"
+        else:
+            self._access.unauthorized[(identity.name, op)] += 1
+            message = f"op {op} needs role {needed.label} (this connection: {identity.role.label}, token {identity.name!r})"
+        return error_reply(request_id, codes.UNAUTHORIZED, message, role_needed=needed.label, seq=0)
+
     def _hello(self, request_id: int, command: Hello) -> dict[str, Any]:
         if command.version != protocol.PROTOCOL_VERSION:
             return error_reply(
                 request_id, codes.UNSUPPORTED_VERSION, f"protocol version {command.version} is not supported",
                 supported=[protocol.PROTOCOL_VERSION], seq=0,
             )
-        if self._config.token is not None and not _same_secret(command.token, self._config.token):
-            self._authorized = False
-            return error_reply(request_id, codes.UNAUTHORIZED, "invalid or missing token", seq=0)
-        self._authorized = True
+        access = self._access
+        if access.table is not None:
+            identity = access.table.identify(command.token)
+            self._forget_identity()  # a later hello replaces the identity, or (refused) removes it
+            if identity is None:
+                access.hellos[(ANONYMOUS_NAME, HELLO_REFUSED)] += 1
+                log.info("hello refused: invalid or missing token (client %r)", command.client)
+                return error_reply(request_id, codes.UNAUTHORIZED, "invalid or missing token", seq=0)
+            self._identity = identity
+            self._engine_commands_allowed = _ENGINE_COMMANDS_ALLOWED[identity.role]
+            access.hellos[(identity.name, HELLO_ACCEPTED)] += 1
+            access.connections_open[identity.name] += 1
+            log.info("hello: token %r, role %s (client %r)", identity.name, identity.role.label, command.client)
         return {"id": request_id, "ok": True, "server": SERVER_NAME, "version": protocol.PROTOCOL_VERSION, "seq": 0}
+
+    def _forget_identity(self) -> None:
+        if self._identity is not None:
+            self._access.connections_open[self._identity.name] -= 1
+            self._identity = None
+        if self._access.required:
+            self._engine_commands_allowed = _ENGINE_COMMANDS_ALLOWED[None]
 
     async def _snapshot(self, request_id: int, deliver: Any) -> None:
         try:
@@ -222,8 +265,11 @@ class Connection:
             pass
 
     async def _receive(self) -> bytes:
-        """Bytes from the client; b"" when it closed, vanished, or stalled inside a frame."""
+        """Bytes from the client; b"" when it closed, vanished, stalled inside a frame, or was idle
+        for the idle timeout (a watcher is never idle: it waits for events, not for replies)."""
         if self._protocol.partial_frame_bytes == 0:
+            if self._idle_timeout_seconds is not None and self._watch_from_seq is None:
+                return await self._receive_unless_idle(self._idle_timeout_seconds)
             data = await self._transport.receive()
             self._counters["bytes_received"] += len(data)
             return data
@@ -234,6 +280,23 @@ class Connection:
             return data
         self._counters["partial_frame_timeouts"] += 1
         log.info("closing a connection stalled for %.1f s inside a frame", timeout_seconds)
+        return b""
+
+    async def _receive_unless_idle(self, timeout_seconds: float) -> bytes:
+        # Idle means: no request read and no reply owed for `timeout_seconds`. While replies are
+        # owed the deadline is infinite; `_replies_sent` starts the clock when the last goes out.
+        deadline = trio.current_time() + timeout_seconds if self._owed == 0 else math.inf
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._idle_scope = scope
+            try:
+                data = await self._transport.receive()
+            finally:
+                self._idle_scope = None
+            self._counters["bytes_received"] += len(data)
+            return data
+        self._counters["idle_timeouts"] += 1
+        name = self._identity.name if self._identity is not None else None
+        log.info("closing a connection idle for %.1f s (token %r)", timeout_seconds, name)
         return b""
 
     # -- sending ------------------------------------------------------------------------------
@@ -270,8 +333,11 @@ class Connection:
     def _replies_sent(self, count: int) -> None:
         """`count` replies are in the kernel's hands: they are owed no more."""
         self._owed -= count
-        if self._owed == 0 and self._input_done:
-            self._writer_wakeup.set()
+        if self._owed == 0:
+            if self._input_done:
+                self._writer_wakeup.set()
+            if self._idle_scope is not None:
+                self._idle_scope.deadline = trio.current_time() + self._idle_timeout_seconds
         if self._reader_wakeup is not None:
             self._reader_wakeup.set()
             self._reader_wakeup = None
@@ -329,3 +395,13 @@ class Connection:
 
 # Requests the connection answers itself; every other command goes to the engine.
 _CONNECTION_COMMANDS = (Hello, Ping, Stats, Snapshot, Watch)
+
+# The engine commands each role may send (None: no valid hello yet, when auth is on). A
+# connection keeps the set of its role; the request path asks only `type(command) in set`.
+_ENGINE_COMMANDS_ALLOWED: dict[Role | None, frozenset[type]] = {
+    role: frozenset(
+        kind for kind, op in OP_OF_COMMAND.items()
+        if kind not in _CONNECTION_COMMANDS and role is not None and role >= role_needed(op)
+    )
+    for role in (None, *Role)
+}

@@ -17,6 +17,7 @@ from .metrics import INVALID_FRAME_PREFIX, INVALID_OP_INDEX, OP_INDEX_OF_COMMAND
 if TYPE_CHECKING:
     from collections import Counter
 
+    from .access import AccessControl
     from .service import Engine
 
 
@@ -53,8 +54,12 @@ class EngineCollector:
 
     Call `collect` only from the event loop (it reads live engine state)."""
 
-    def __init__(self, engine: "Engine", connection_counters: "Counter[str]", recovery_seconds: float, replayed_records: int):
+    def __init__(
+        self, engine: "Engine", connection_counters: "Counter[str]", recovery_seconds: float, replayed_records: int,
+        access: "AccessControl | None" = None,
+    ):
         self._engine = engine
+        self._access = access
         self._connection_counters = connection_counters
         self._recovery_seconds = recovery_seconds
         self._replayed_records = replayed_records
@@ -71,6 +76,8 @@ class EngineCollector:
         yield from self._log(engine)
         yield from self._state(engine)
         yield from self._shell(engine)
+        if self._access is not None:
+            yield from self._access_families(self._access)
 
     def _requests(self, engine: "Engine") -> Iterator[Metric]:
         requests = CounterMetricFamily("engine_requests", "Requests answered, by op and result (ok or the error code).", labels=["op", "result"])
@@ -165,6 +172,30 @@ class EngineCollector:
         yield _counter("engine_reading_pauses", "Times a connection stopped reading because it owed too many replies.", counters["reading_paused"])
         yield _counter("engine_received_bytes", "Bytes received from clients.", counters["bytes_received"])
         yield _counter("engine_sent_bytes", "Bytes sent to clients.", counters["bytes_sent"])
+        yield _counter("engine_idle_timeouts", "Connections closed by the idle timeout (--idle-timeout-seconds).", counters["idle_timeouts"])
+        yield _counter("engine_tls_handshake_failures", "TLS connections closed before their handshake completed.", counters["tls_handshake_failures"])
+
+
+    def _access_families(self, access: "AccessControl") -> Iterator[Metric]:
+        # Labelled by token *name* (from the auth file: a bounded set); never by the secret.
+        hellos = CounterMetricFamily("engine_hellos", "Hellos by token name and result (refused: name '-').", labels=["token", "result"])
+        for (name, result), count in sorted(access.hellos.items()):
+            hellos.add_metric([name, result], count)
+        yield hellos
+        refused = CounterMetricFamily(
+            "engine_unauthorized", "Requests refused with `unauthorized`, by token name ('-': no valid hello) and op.", labels=["token", "op"],
+        )
+        for (name, op), count in sorted(access.unauthorized.items()):
+            refused.add_metric([name, op], count)
+        yield refused
+        by_token = GaugeMetricFamily("engine_connections_authenticated", "Connections open after a successful hello, by token name.", labels=["token"])
+        for name, count in sorted(access.connections_open.items()):
+            by_token.add_metric([name], count)
+        yield by_token
+        reloads = CounterMetricFamily("engine_auth_reloads", "Re-reads of the auth file (SIGHUP), by result.", labels=["result"])
+        for result in ("ok", "failed"):
+            reloads.add_metric([result], access.reloads[result])
+        yield reloads
 
 
 def build_registry(collector: EngineCollector, with_process: bool = True) -> CollectorRegistry:

@@ -25,6 +25,7 @@ import trio
 
 from protocol import codes, error_reply, pack
 
+from .access import AccessControl, check_listen_address
 from .config import Config
 from .connection import Connection, linger
 from .outbox import Outbox
@@ -34,6 +35,7 @@ from .data_lock import lock_data_folder
 from .recovery import recover
 from .service import Engine, wall_clock_ms
 from .storage import LmdbStorage
+from .tls import TlsHandshakeFailed, TlsTransport, server_ssl_context
 from .transport import ConnectionLost, SocketTransport, open_listener, serve
 from .wal import WriteAheadLog
 
@@ -50,6 +52,7 @@ class RunningServer:
     shutdown: trio.Event
     stopped: trio.Event
     metrics_port: int | None = None  # where `/metrics` is served (None: not served)
+    access: AccessControl | None = None  # the token table in force (`access.reload()` on SIGHUP)
 
     def stop(self) -> None:
         """Ask for a clean shutdown (flush, snapshot, close)."""
@@ -80,6 +83,13 @@ async def run_server(
     started_monotonic = time.monotonic() if process_started_monotonic is None else process_started_monotonic
     shutdown = shutdown if shutdown is not None else trio.Event()
     stopped = trio.Event()
+    check_listen_address(config)  # InsecureListenRefused: beyond loopback without auth
+    access = AccessControl.from_config(config)  # AuthFileError: a bad --auth file
+    make_transport: Callable = SocketTransport
+    if config.tls_cert_file is not None:
+        assert config.tls_key_file is not None, "a TLS certificate needs its key"
+        tls_context = server_ssl_context(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)  # TlsConfigError
+        make_transport = partial(TlsTransport, context=tls_context)
     data_lock = lock_data_folder(config.data_dir)  # one server per folder: DataFolderLocked if taken
     try:
         storage = LmdbStorage(storage_path(config), config.map_size_bytes)
@@ -105,19 +115,20 @@ async def run_server(
                 listener = open_listener(config.host, config.port)
                 port = listener.getsockname()[1]
                 counters: Counter = Counter()
-                handler = partial(_handle_connection, engine=engine, counters=counters)
-                service_nursery.start_soon(serve, listener, handler)
+                handler = partial(_handle_connection, engine=engine, counters=counters, access=access)
+                service_nursery.start_soon(serve, listener, handler, make_transport)
                 metrics_port = None
                 if config.metrics_port is not None:
                     # Imported here: prometheus_client costs ~20 ms of start-up, for servers without metrics too.
                     from .metrics_collector import EngineCollector, build_registry
                     from .metrics_http import serve_metrics
 
-                    registry = build_registry(EngineCollector(engine, counters, recovery_seconds, replayed))
+                    registry = build_registry(EngineCollector(engine, counters, recovery_seconds, replayed, access))
                     metrics_port = await service_nursery.start(serve_metrics, config.host, config.metrics_port, registry)
-                log.info("listening on %s:%d (data in %s, seq %d, %d records replayed)", config.host, port, config.data_dir, state.seq, replayed)
+                log.info("listening on %s:%d%s (data in %s, seq %d, %d records replayed)", config.host, port,
+                         " (TLS)" if config.tls_cert_file is not None else "", config.data_dir, state.seq, replayed)
                 _log_start_up(started_monotonic, recovery_seconds, state.seq, replayed)
-                task_status.started(RunningServer(config.host, port, engine, shutdown, stopped, metrics_port))
+                task_status.started(RunningServer(config.host, port, engine, shutdown, stopped, metrics_port, access))
                 await shutdown.wait()
                 log.info("shutting down: closing connections")
                 service_nursery.cancel_scope.cancel()
@@ -130,6 +141,21 @@ async def run_server(
         storage.close()
         data_lock.release()
         stopped.set()
+
+
+async def _tls_handshake(transport: TlsTransport, timeout_seconds: float, counters: Counter) -> bool:
+    """Complete the handshake within `timeout_seconds`; False (logged, counted) if it failed."""
+    with trio.move_on_after(timeout_seconds):
+        try:
+            await transport.handshake()
+            return True
+        except TlsHandshakeFailed as error:
+            counters["tls_handshake_failures"] += 1
+            log.info("TLS handshake failed: %s", error)
+            return False
+    counters["tls_handshake_failures"] += 1
+    log.info("TLS handshake not completed within %.1f s", timeout_seconds)
+    return False
 
 
 # The state is millions of small, acyclic objects (freed by reference counting alone). What
@@ -206,7 +232,9 @@ def _tune_interpreter() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
 
-async def _handle_connection(transport: SocketTransport, *, engine: Engine, counters: Counter) -> None:
+async def _handle_connection(transport: SocketTransport, *, engine: Engine, counters: Counter, access: AccessControl) -> None:
+    if isinstance(transport, TlsTransport) and not await _tls_handshake(transport, engine.config.tls_handshake_timeout_seconds, counters):
+        return
     if counters["open"] >= engine.config.connections_max:
         counters["refused"] += 1
         reply = error_reply(None, codes.OVERLOADED, f"too many connections ({engine.config.connections_max}); retry later")
@@ -220,6 +248,6 @@ async def _handle_connection(transport: SocketTransport, *, engine: Engine, coun
     counters["open"] += 1
     counters["total"] += 1
     try:
-        await Connection(transport, engine, counters).run()
+        await Connection(transport, engine, counters, access).run()
     finally:
         counters["open"] -= 1

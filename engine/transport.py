@@ -26,6 +26,26 @@ LISTEN_BACKLOG = 1024
 # instead of spinning (as `trio.serve_listeners` does).
 ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_BACKOFF_SECONDS = 0.1
+# TCP keepalive on accepted sockets: a peer that vanished without a FIN or RST (a crashed host, a
+# dropped NAT entry) is noticed after IDLE + INTERVAL * COUNT seconds (2 minutes) instead of
+# never, and its connection slot comes back. Probes cost nothing on a busy connection.
+KEEPALIVE_IDLE_SECONDS = 60
+KEEPALIVE_INTERVAL_SECONDS = 10
+KEEPALIVE_PROBES = 6
+
+
+def configure_accepted_socket(sock: socket.socket) -> None:
+    """Non-blocking, no Nagle delay (replies are small and latency-bound), TCP keepalive."""
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # Linux (and recent macOS) name these; elsewhere the system's keepalive timing applies.
+    for option_name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS), ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+    ):
+        option = getattr(socket, option_name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 class ConnectionLost(Exception):
@@ -39,8 +59,7 @@ class SocketTransport:
     __slots__ = ("_socket", "closed")
 
     def __init__(self, sock: socket.socket):
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies are small and latency-bound
+        configure_accepted_socket(sock)
         self._socket = sock
         self.closed = False
 
@@ -111,9 +130,13 @@ def open_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
-async def serve(listener: socket.socket, handler: Callable[[SocketTransport], Awaitable[None]]) -> None:
-    """Accept connections until cancelled; each runs `handler(transport)` in a child task, which
-    closes the transport when it returns."""
+async def serve(
+    listener: socket.socket,
+    handler: Callable[[SocketTransport], Awaitable[None]],
+    make_transport: Callable[[socket.socket], SocketTransport] = SocketTransport,
+) -> None:
+    """Accept connections until cancelled; each runs `handler(make_transport(socket))` in a child
+    task, which closes the transport when it returns (`make_transport`: e.g. `tls.TlsTransport`)."""
 
     async def run(transport: SocketTransport) -> None:
         try:
@@ -135,7 +158,7 @@ async def serve(listener: socket.socket, handler: Callable[[SocketTransport], Aw
                     log.error("accept failed (%s); backing off for %.1f s", error, ACCEPT_BACKOFF_SECONDS)
                     await trio.sleep(ACCEPT_BACKOFF_SECONDS)
                     continue
-                nursery.start_soon(run, SocketTransport(sock))
+                nursery.start_soon(run, make_transport(sock))
                 await trio.lowlevel.checkpoint()  # a flood of connections must not starve the rest
     finally:
         trio.lowlevel.notify_closing(listener)

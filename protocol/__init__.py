@@ -61,6 +61,7 @@ from ._limits import (
 )
 from . import _errors as codes
 from . import _requests as requests
+from ._tls import client_ssl_context
 from .client import Client
 from .trio_client import TrioClient, open_trio_client
 from ._outbox_requests import InvalidOutboxRequest

@@ -13,6 +13,7 @@ buffered apart and read with `next_event`.
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from ._connection import ClientProtocol
 from ._errors import ConnectionClosed, ProtocolViolation, ServerError
 from ._limits import DEFAULT_HOST, DEFAULT_PORT, MAX_FRAME_BYTES
 from ._requests import Request, RequestMethods, pushed_event
+from ._tls import resolve_ssl_context
 
 # One recv. It also bounds what a single read can add to the buffers: the client reads only when
 # nothing buffered answers the caller, so buffered frames are at most one read ahead of the caller
@@ -45,6 +47,9 @@ class Client(RequestMethods[dict[str, Any]]):
     Every wait (`receive`, `next_event`, `receive_any`, a send) gives up after `timeout_seconds`
     with `TimeoutError` (None waits forever). A timed-out read leaves the connection usable; a
     timed-out send closes it, because part of a frame may already be on the wire.
+
+    TLS: pass `ssl_context` (e.g. `client_ssl_context(cafile, cert_file, key_file)`), or just
+    `cafile` to verify the server's certificate against that CA. The server's name is `host`.
     """
 
     def __init__(
@@ -53,12 +58,21 @@ class Client(RequestMethods[dict[str, Any]]):
         port: int = DEFAULT_PORT,
         timeout_seconds: float | None = 10.0,
         max_frame_bytes: int = MAX_FRAME_BYTES,
+        ssl_context: ssl.SSLContext | None = None,
+        cafile: str | None = None,
     ):
         self.timeout_seconds = timeout_seconds
         self._protocol = ClientProtocol(max_frame_bytes)
+        context = resolve_ssl_context(ssl_context, cafile)
         self._socket = socket.create_connection((host, port), timeout=timeout_seconds)
         # Requests are small and latency matters more than packet count; pipelining batches anyway.
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if context is not None:
+            try:
+                self._socket = context.wrap_socket(self._socket, server_hostname=host)  # handshakes within the timeout
+            except BaseException:
+                self._socket.close()
+                raise
         # Buffered frames carry their arrival number so that `receive_any` can return the oldest.
         self._arrivals = 0
         self._awaited: set[int] = set()  # ids sent whose reply has not arrived yet

@@ -17,6 +17,7 @@ When the connection fails, every waiter, and every later call, gets `ConnectionC
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +28,7 @@ from ._connection import ClientProtocol
 from ._errors import ConnectionClosed, ProtocolViolation, ServerError
 from ._limits import DEFAULT_HOST, DEFAULT_PORT, MAX_FRAME_BYTES
 from ._requests import RequestMethods, pushed_event
+from ._tls import resolve_ssl_context
 
 RECEIVE_BYTES_MAX = 64 * 1024
 
@@ -219,13 +221,26 @@ async def open_trio_client(
     max_frame_bytes: int = MAX_FRAME_BYTES,
     requests_in_flight_max: int = REQUESTS_IN_FLIGHT_MAX,
     events_buffered_max: int = EVENTS_BUFFERED_MAX,
+    ssl_context: ssl.SSLContext | None = None,
+    cafile: str | None = None,
 ) -> AsyncIterator[TrioClient]:
     """Connect, run the client's reader and writer tasks, and yield the client.
+
+    TLS: pass `ssl_context` (e.g. `client_ssl_context(cafile, cert_file, key_file)`), or just
+    `cafile`; the connection is then a `trio.SSLStream` checking the server's name against `host`.
 
     On exit the tasks are cancelled, callers still waiting get `ConnectionClosed`, and the stream
     is closed. An exception raised in the body propagates as it is (not wrapped in a group).
     """
-    stream = await trio.open_tcp_stream(host, port)
+    context = resolve_ssl_context(ssl_context, cafile)
+    stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    if context is not None:
+        stream = trio.SSLStream(stream, context, server_hostname=host)
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
     body_error: BaseException | None = None
     async with stream:
         client = TrioClient(stream, max_frame_bytes, requests_in_flight_max, events_buffered_max)
