@@ -117,7 +117,7 @@ class _ReplyChecker:
     def check(self, record) -> list[str]:
         reply, fields, op = record.reply, record.fields, record.op
         state, seq = self.state, reply.get("seq", 0)
-        new_change = reply["ok"] and not reply.get("duplicate") and op in ("reserve", "release", "commit", "extend", "adjust", "count")
+        new_change = reply["ok"] and not reply.get("duplicate") and op in ("reserve", "release", "commit", "extend", "adjust", "count", "transfer")
         problems: list[str] = []
         if new_change and seq <= record.seen_seq_at_send:
             problems.append(f"a new change at seq {seq}, not after seq {record.seen_seq_at_send} seen before it was sent")
@@ -237,6 +237,8 @@ class _ReplyChecker:
         return problems + self.missed(record, [("stock", fields["sku"], fields["loc"])])
 
     def _keyed(self, record, reply, fields, state: State, seq: int, kind: str) -> list[str]:
+        if "lines" in fields:
+            return self._keyed_batch(record, reply, fields, state, seq, f"{kind}_batch")
         sku, loc = fields["sku"], fields["loc"]
         stock = state.stock(sku, loc)
         if not reply["ok"]:
@@ -254,6 +256,69 @@ class _ReplyChecker:
         if reply.get("duplicate"):
             problems += self.missed(record, [("key", fields["key"])])
         return problems
+
+    def _keyed_batch(self, record, reply, fields, state: State, seq: int, kind: str) -> list[str]:
+        stocks = [("stock", line["sku"], line["loc"]) for line in fields["lines"]]
+        if not reply["ok"]:
+            if reply["error"] == "invalid" and kind == "adjusted_batch":
+                # The refusal names the lines it refuses and reflects those (its seq is the last
+                # change among them); the other lines fitted at the moment of the decision.
+                refused = [(line["sku"], line["loc"], line["delta"], line["on_hand"]) for line in reply["lines"]]
+                problems = [
+                    f"line {sku}/{loc} refused with on_hand {on_hand}, the log at seq {seq} gives {state.stock(sku, loc)}"
+                    for sku, loc, delta, on_hand in refused
+                    if state.stock(sku, loc).on_hand != on_hand or on_hand + delta >= 0
+                ]
+                if max(state.stock(sku, loc).last_seq for sku, loc, _, _ in refused) != seq:
+                    problems.append(f"seq {seq} is not the last change of the refused lines")
+                return problems + self.missed(record, [("stock", sku, loc) for sku, loc, _, _ in refused])
+            if reply["error"] == "conflict":
+                return self.missed(record, [("key", fields["key"])])
+            return [f"unexpected error {reply['error']}"]
+        problems = self.event_is(kind, key=fields["key"])
+        for line in reply["lines"]:
+            figures = {name: line[name] for name in ("on_hand", "reserved", "available")}
+            if figures != state.stock(line["sku"], line["loc"]).figures():
+                problems.append(f"{kind} line {line}, the log at seq {seq} gives {state.stock(line['sku'], line['loc'])}")
+        if reply.get("duplicate"):
+            problems += self.missed(record, [("key", fields["key"])])
+        return problems
+
+    def _transfer(self, record, reply, fields, state: State, seq: int) -> list[str]:
+        sku, source, target = fields["sku"], fields["from"], fields["to"]
+        stocks = [("stock", sku, source), ("stock", sku, target)]
+        if not reply["ok"]:
+            if reply["error"] == "insufficient":
+                available = state.stock(sku, source).available
+                last_change = max(state.stock(sku, source).last_seq, state.stock(sku, target).last_seq)
+                if reply["lines"] != [{"sku": sku, "loc": source, "requested": fields["qty"], "available": available}] or available >= fields["qty"] or last_change != seq:
+                    return [f"transfer refused, the log at seq {seq} gives {state.stock(sku, source)}"]
+                return self.missed(record, stocks)
+            if reply["error"] == "conflict":
+                return self.missed(record, [("key", fields["key"])])
+            return [f"unexpected error {reply['error']}"]
+        problems = self.event_is("transferred", key=fields["key"], sku=sku, qty=fields["qty"])
+        for side, loc in (("from", source), ("to", target)):
+            figures = {name: reply[side][name] for name in ("on_hand", "reserved", "available")}
+            if figures != state.stock(sku, loc).figures():
+                problems.append(f"transfer {side} {reply[side]}, the log at seq {seq} gives {state.stock(sku, loc)}")
+        if reply.get("duplicate"):
+            problems += self.missed(record, [("key", fields["key"])])
+        return problems
+
+    def _query(self, record, reply, fields, state: State, seq: int) -> list[str]:
+        sku = fields["sku"]
+        locations = sorted(state.locations.get(sku, ()))
+        expected = [{"loc": loc, **state.stock(sku, loc).figures()} for loc in locations]
+        last_change = max((state.stock(sku, loc).last_seq for loc in locations), default=0)
+        problems = []
+        if reply["locations"] != expected or last_change != seq:
+            problems.append(f"query shows {reply['locations']}, the log at seq {seq} gives {expected}")
+        total = {name: sum(line[name] for line in expected) for name in ("on_hand", "reserved", "available")}
+        if reply["total"] != total:
+            problems.append(f"query total {reply['total']}, the log's {total}")
+        objects = [obj for obj in self._objects_index if obj[0] == "stock" and obj[1] == sku]
+        return problems + self.missed(record, objects)
 
     def _adjust(self, record, reply, fields, state, seq):
         return self._keyed(record, reply, fields, state, seq, "adjusted")

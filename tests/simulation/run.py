@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import traceback
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ import msgpack
 import trio
 import trio.testing
 
-from engine.config import Config
+from engine.config import DAY_MS, Config
 from engine.core import check_invariants
 from engine.outbox import Outbox
 from engine.owners import Owners
@@ -55,14 +56,20 @@ from .workload import STOCK_KEYS, Workload
 
 BASE_CLOCK_MS = 1_767_225_600_000  # 2026-01-01: the simulated clock's epoch
 SIMULATED_SECONDS_MAX = 3600.0  # a run that has not finished by then is stuck: a violation
-BATCH_SIZES = (1, 1, 1, 2, 3)  # requests a client pipelines before waiting for the replies
+BATCH_SIZES = (1, 1, 2, 3, 5, 8)  # requests a client pipelines before waiting for the replies
+# A live connection owes a reply within this (simulated) time: a commit takes at most 50 ms, a
+# client has at most 3 requests in flight, and a parked request waits for holds that are lifted
+# within a few owner turns. Longer is a lost reply (a liveness violation).
+REPLY_SECONDS_MAX = 5.0
 
 
 @dataclass(frozen=True)
 class SimulationOptions:
-    clients: int = 8
-    requests_per_client: int = 40
-    kill_interval_seconds_mean: float = 1.0  # simulated time between faults of the server
+    clients: int = 12
+    requests_per_client: int = 30
+    # Simulated time between faults of the server, drawn per seed: some runs see many, some
+    # none (where a lost reply shows as a client's timeout instead of being cut short by a kill).
+    kill_interval_seconds_means: tuple[float, ...] = (0.3, 1.0, 5.0, math.inf)
     clean_stop_probability: float = 0.3  # of a fault: a clean stop (flush, snapshot), else kill -9
     append_failure_probability: float = 0.01
     abandon_probability: float = 0.05  # of a client's batch: given up on after a short wait
@@ -97,6 +104,9 @@ def simulation_config(chooser: random.Random) -> Config:
         records_per_commit_max=chooser.choice([1, 3, 64, 20_000]),
         in_flight_per_connection_max=chooser.choice([1, 2, 8, 4096]),
         snapshot_interval_seconds=1e9,  # engine.snapshot() runs storage calls in a worker thread
+        # Short id retention now and then, so that `forgotten` events race retries and lookups.
+        id_retention_ms=chooser.choice([DAY_MS, DAY_MS, 1000, 200]),
+        forget_interval_seconds=chooser.choice([0.1, 0.5, 60.0]),
     )
 
 
@@ -153,6 +163,8 @@ class Simulation:
                     nursery.cancel_scope.cancel()
         except trio.TooSlowError:
             self.violation(f"the run did not finish within {SIMULATED_SECONDS_MAX} simulated seconds")
+        except Exception as error:  # an assertion in the engine (a broken invariant) is a finding too
+            self.violation("the run raised:\n" + "".join(traceback.format_exception(error)))
         self._summarise()
         return self.result
 
@@ -233,9 +245,12 @@ class Simulation:
 
     async def _chaos(self, scope: trio.CancelScope) -> None:
         chooser = self._chooser("chaos")
+        interval_seconds_mean = chooser.choice(self.options.kill_interval_seconds_means)
+        if interval_seconds_mean == math.inf:
+            return
         with scope:
             while True:
-                await trio.sleep(chooser.expovariate(1 / self.options.kill_interval_seconds_mean))
+                await trio.sleep(chooser.expovariate(1 / interval_seconds_mean))
                 server = self._server
                 if server is None or not server.up.is_set() or server.stop_cleanly.is_set():
                     continue
@@ -295,7 +310,12 @@ class Simulation:
             try:
                 await end.send(data)
                 while True:
-                    received = await end.receive()
+                    with trio.move_on_after(REPLY_SECONDS_MAX) as waited:
+                        received = await end.receive()
+                    if waited.cancelled_caught:
+                        self.violation(f"setup: no reply within {REPLY_SECONDS_MAX} s on a live connection: {record}")
+                        record.abandoned = True
+                        return None
                     if not received:
                         record.abandoned = True
                         return None
@@ -340,6 +360,7 @@ class Simulation:
                         self.violation(f"client {number}: a reply to no pending request: {reply}")
                         continue
                     self.history.replied(record, reply, self.disk.last_seq)
+                    workload.observe(record.op, record.fields, reply)
                 wake()
             closed = True
             wake()
@@ -351,7 +372,7 @@ class Simulation:
                     batch = [workload.next_request() for _ in range(min(remaining, chooser.choice(BATCH_SIZES)))]
                     remaining -= len(batch)
                     give_up_seconds = chooser.uniform(0, 0.01) if chooser.random() < self.options.abandon_probability else math.inf
-                    with trio.move_on_after(give_up_seconds) as give_up:
+                    with trio.move_on_after(min(give_up_seconds, REPLY_SECONDS_MAX)) as give_up:
                         for op, fields, retry in batch:
                             request_id, data = protocol.request(op, **fields)
                             pending[request_id] = self.history.sent(number, op, fields, retry)
@@ -359,6 +380,8 @@ class Simulation:
                         while pending and not closed:
                             await changed[0].wait()
                     if give_up.cancelled_caught:
+                        if give_up_seconds > REPLY_SECONDS_MAX:
+                            self.violation(f"client {number}: no reply within {REPLY_SECONDS_MAX} s on a live connection: {list(pending.values())}")
                         break
                     await trio.sleep(chooser.uniform(0, self.options.think_seconds_max))
                 nursery.cancel_scope.cancel()
@@ -366,6 +389,7 @@ class Simulation:
             pass
         for record in pending.values():
             record.abandoned = True
+            workload.observe(record.op, record.fields, None)
         return remaining
 
 
