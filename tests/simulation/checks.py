@@ -8,7 +8,9 @@
    restart recovers at least the highest `seq` any client had seen (checked by the run).
 3. Replay equals memory: the state rebuilt from the log from seq 1 equals the server's state
    (`State.to_snapshot()`), checked by the run after the last flush.
-4. Linearizability (`check_replies`): the log is the sequential order. A reply with `seq = s`
+4. No phantom changes (`check_origins`): every `reserved` event matches a reserve some client
+   sent (rid and payload), every keyed change a request sent under its key.
+5. Linearizability (`check_replies`): the log is the sequential order. A reply with `seq = s`
    claims "this is what the objects I read looked like after event s". For each reply, the log
    is replayed to s and the reply's figures are compared with that state (stock figures,
    `available` after a hold, each `insufficient` line and that the other lines fit, the
@@ -89,7 +91,7 @@ def check_log(events: list[dict[str, Any]]) -> list[str]:
 
 
 class _ReplyChecker:
-    """Check 4 for one reply, given the state right after its seq and the event at its seq."""
+    """Check 5 for one reply, given the state right after its seq and the event at its seq."""
 
     def __init__(self, state: State, event: dict[str, Any] | None, objects_index: dict[Obj, list[int]]):
         self.state = state
@@ -327,8 +329,34 @@ class _ReplyChecker:
         return self._keyed(record, reply, fields, state, seq, "counted")
 
 
+def check_origins(events: list[dict[str, Any]], records: list) -> list[str]:
+    """No phantom changes: every reservation and every keyed change in the log comes from a
+    request some client sent with that rid or key and that payload (answered or not)."""
+    sent_payloads: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        name = record.fields.get("rid") if record.op == "reserve" else record.fields.get("key")
+        if name is not None:
+            sent_payloads[name].append(record.fields)
+    violations = []
+    for event in events:
+        kind = event["type"]
+        if kind == "reserved":
+            lines = tuple((line["sku"], line["loc"], line["qty"]) for line in event["lines"])
+            logged = reserve_fingerprint(lines, event["ttl_ms"], event["ref"])
+            sent = [
+                reserve_fingerprint(tuple((line["sku"], line["loc"], line["qty"]) for line in fields["lines"]), fields.get("ttl_ms", 0), fields.get("ref"))
+                for fields in sent_payloads.get(event["rid"], [])
+            ]
+            if logged not in sent:
+                violations.append(f"seq {event['seq']}: reservation {event['rid']} that no client asked for: {event}")
+        elif kind in ("adjusted", "counted", "transferred", "adjusted_batch", "counted_batch"):
+            if not sent_payloads.get(event["key"]):
+                violations.append(f"seq {event['seq']}: {kind} under key {event['key']} that no client sent: {event}")
+    return violations
+
+
 def check_replies(events: list[dict[str, Any]], records: list) -> list[str]:
-    """Checks 2 and 4 for every reply received, in one replay of the log."""
+    """Checks 2 and 5 for every reply received, in one replay of the log."""
     violations: list[str] = []
     objects_index: dict[Obj, list[int]] = defaultdict(list)
     for event in events:

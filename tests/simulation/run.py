@@ -47,7 +47,7 @@ from engine.transport import ConnectionLost
 from engine.wal import WriteAheadLog
 from protocol import ClientProtocol
 
-from .checks import check_log, check_replies, replay
+from .checks import check_log, check_origins, check_replies, replay
 from .commit import SimulatedCommitRunner
 from .history import History
 from .network import ClientEnd, ConnectionRefused, SimulatedListener
@@ -271,7 +271,7 @@ class Simulation:
     # -- the end ------------------------------------------------------------------------------
 
     async def _final_checks(self) -> None:
-        """Everything applied made durable, then checks 1 to 4 (see `checks.py`)."""
+        """Everything applied made durable, then checks 1 to 5 (see `checks.py`)."""
         while True:
             engine = await self._running_engine()
             await engine.wal.flush()
@@ -281,7 +281,7 @@ class Simulation:
         if replay(events).to_snapshot() != engine.state.to_snapshot():
             self.violation("the log replayed from empty differs from the server's state")
         check_invariants(engine.state)
-        for message in check_log(events) + check_replies(events, self.history.records):
+        for message in check_log(events) + check_origins(events, self.history.records) + check_replies(events, self.history.records):
             self.violation(message)
 
     # -- clients ------------------------------------------------------------------------------
@@ -365,28 +365,28 @@ class Simulation:
             closed = True
             wake()
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read_replies)
-                while remaining > 0 and not closed:
-                    batch = [workload.next_request() for _ in range(min(remaining, chooser.choice(BATCH_SIZES)))]
-                    remaining -= len(batch)
-                    give_up_seconds = chooser.uniform(0, 0.01) if chooser.random() < self.options.abandon_probability else math.inf
-                    with trio.move_on_after(min(give_up_seconds, REPLY_SECONDS_MAX)) as give_up:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_replies)
+            while remaining > 0 and not closed:
+                batch = [workload.next_request() for _ in range(min(remaining, chooser.choice(BATCH_SIZES)))]
+                remaining -= len(batch)
+                give_up_seconds = chooser.uniform(0, 0.01) if chooser.random() < self.options.abandon_probability else math.inf
+                with trio.move_on_after(min(give_up_seconds, REPLY_SECONDS_MAX)) as give_up:
+                    try:
                         for op, fields, retry in batch:
                             request_id, data = protocol.request(op, **fields)
                             pending[request_id] = self.history.sent(number, op, fields, retry)
                             await end.send(data)
-                        while pending and not closed:
-                            await changed[0].wait()
-                    if give_up.cancelled_caught:
-                        if give_up_seconds > REPLY_SECONDS_MAX:
-                            self.violation(f"client {number}: no reply within {REPLY_SECONDS_MAX} s on a live connection: {list(pending.values())}")
+                    except ConnectionLost:  # the server went away (a kill): reconnect
                         break
-                    await trio.sleep(chooser.uniform(0, self.options.think_seconds_max))
-                nursery.cancel_scope.cancel()
-        except ConnectionLost:
-            pass
+                    while pending and not closed:
+                        await changed[0].wait()
+                if give_up.cancelled_caught:
+                    if give_up_seconds > REPLY_SECONDS_MAX:
+                        self.violation(f"client {number}: no reply within {REPLY_SECONDS_MAX} s on a live connection: {list(pending.values())}")
+                    break
+                await trio.sleep(chooser.uniform(0, self.options.think_seconds_max))
+            nursery.cancel_scope.cancel()
         for record in pending.values():
             record.abandoned = True
             workload.observe(record.op, record.fields, None)
