@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup_seconds = 0.5
     if args.paced_seconds is None:
         args.paced_seconds = max(2.0, args.seconds / 2)
-    if args.connections < 1 or args.depth < 1 or args.generator_processes < 1 or args.seconds <= 0:
-        parser.error("--connections, --depth, --generator-processes and --seconds must be positive")
+    if args.connections < 1 or args.depth < 1 or args.generator_processes < 1 or args.seconds <= 0 or args.paced_seconds <= 0:
+        parser.error("--connections, --depth, --generator-processes, --seconds and --paced-seconds must be positive (no paced run: --paced-fraction 0)")
     args.generator_processes = min(args.generator_processes, args.connections)
     args.systems = [name for name in SYSTEM_ORDER if name in args.systems]
     return args

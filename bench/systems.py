@@ -194,7 +194,7 @@ def start_engine(name: str = "engine", tree: Path = ROOT, extra_args: tuple[str,
     return RunningSystem(name, "engine", port, process, folder, _tree_version(tree), log_path)
 
 
-def start_baseline(revision: str) -> RunningSystem:
+def start_baseline(revision: str, extra_args: tuple[str, ...] = ()) -> RunningSystem:
     """The engine of another git revision, from a temporary `git worktree` (removed at stop)."""
     holder = Path(tempfile.mkdtemp(prefix="bench-baseline-tree-"))
     tree = holder / "tree"
@@ -209,7 +209,7 @@ def start_baseline(revision: str) -> RunningSystem:
         shutil.rmtree(holder, ignore_errors=True)
 
     try:
-        system = start_engine("baseline", tree)
+        system = start_engine("baseline", tree, extra_args)
     except SystemMissing:
         remove_tree()
         raise

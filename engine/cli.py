@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=defaults.host, help="listen address (default %(default)s)")
     serve.add_argument("--port", type=int, default=defaults.port, help="listen port, 0 = any free port (default %(default)s)")
     serve.add_argument("--data", default=defaults.data_dir, help="data folder (default ./%(default)s)")
-    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (reserved; not served yet)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port; default: not served)")
     serve.add_argument("--token", default=None, help="require `hello` with this token before any other op")
     serve.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
     serve.add_argument("--map-size-mb", type=int, default=defaults.map_size_bytes // 1024**2, help="LMDB map size (address space, not disk)")
@@ -80,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_sync_command(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "serve":
-        if args.metrics_port is not None:
-            log.warning("--metrics-port %d: metrics are not served yet (reserved for the metrics work)", args.metrics_port)
         refusal = None
         try:
             trio.run(_serve_until_signalled, config_from_args(args))

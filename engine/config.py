@@ -15,7 +15,7 @@ class Config:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT  # 0 = any free port (tests)
     data_dir: str = "data"
-    metrics_port: int | None = None  # reserved for the metrics issue
+    metrics_port: int | None = None  # Prometheus `/metrics` on host:metrics_port (None: off; 0: any free port)
     token: str | None = None  # when set, a connection must `hello` with it first
 
     max_frame_bytes: int = MAX_FRAME_BYTES

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections import deque
 from functools import partial
 from typing import Any
@@ -22,6 +23,8 @@ import trio
 import protocol
 from protocol import Hello, Ping, RequestRejected, Snapshot, Stats, Watch, codes, error_reply
 
+from .metrics import INVALID_FRAME_PREFIX, INVALID_OP_INDEX, OP_INDEX_OF_COMMAND
+from .outbox import Stamp
 from .service import Engine
 from .transport import ConnectionLost, SocketTransport
 
@@ -64,7 +67,9 @@ class Connection:
         # The outbox's view of this connection (see `outbox.ReplyTarget`).
         self.closed = False
         self.ready: list[bytes] = []
-        self.waiting: deque[tuple[int, bytes, Any]] = deque()
+        self.ready_stamps: list[Stamp] = []
+        self.waiting: deque[tuple[int, bytes, Any, Stamp]] = deque()
+        self._latency = engine.request_latency
         self._unsent = bytearray()  # bytes the socket did not take yet: the writer task's job
         self._unsent_replies = 0  # replies (wholly or partly) in `_unsent`: still owed
         self._owed = 0  # requests read whose reply is not yet in the kernel's hands
@@ -73,8 +78,11 @@ class Connection:
         self._input_done = False
         self._watch_from_seq: int | None = None
         self._cancel_scope = trio.CancelScope()
-        # The engine's reply sink for this connection: called once per request, now or later.
-        self._deliver = partial(self._outbox.deliver, self)
+        # The engine's reply sinks for the requests of the last chunk read, one per op: each is
+        # `outbox.deliver` bound to this connection and the stamp (read time, op index) of those
+        # requests (`metrics.RequestLatency`), made once per chunk and op, not per request.
+        self._read_ns = time.monotonic_ns()
+        self._reply_sinks: dict[type, Any] = {}
 
     async def run(self) -> None:
         try:
@@ -92,6 +100,7 @@ class Connection:
         finally:
             self.closed = True
             self.ready.clear()
+            self.ready_stamps.clear()
             self.waiting.clear()
 
     # -- receiving ----------------------------------------------------------------------------
@@ -102,8 +111,12 @@ class Connection:
             room = in_flight_max - self._owed
             if room <= 0:
                 self._counters["reading_paused"] += 1
+                self._counters["reading_paused_now"] += 1
                 self._reader_wakeup = trio.Event()
-                await self._reader_wakeup.wait()
+                try:
+                    await self._reader_wakeup.wait()
+                finally:
+                    self._counters["reading_paused_now"] -= 1
                 continue
             events = self._protocol.next_events(room)
             if not events:
@@ -112,42 +125,58 @@ class Connection:
                 data = await self._receive()
                 if not data:
                     return
+                # One clock read per chunk: every request in it was read at this moment.
+                self._read_ns = time.monotonic_ns()
+                self._reply_sinks = {}
                 events = self._protocol.receive_data(data, room)
             self._owed += len(events)
             submit = self._engine.submit
-            deliver = self._deliver
+            reply_sinks = self._reply_sinks
+            deliver_to_outbox = self._outbox.deliver
             for index, event in enumerate(events):
                 if type(event) is RequestRejected:
                     self._counters["rejected_frames"] += 1
-                    deliver({**event.reply, "seq": 0})
+                    self._counters[INVALID_FRAME_PREFIX + event.reply["error"]] += 1
+                    self._outbox.deliver(self, (self._read_ns, INVALID_OP_INDEX), {**event.reply, "seq": 0})
                     stop = event.close
                 else:
                     command = event.command
+                    kind = type(command)
+                    deliver = reply_sinks.get(kind)
+                    if deliver is None:
+                        stamp = (self._read_ns, OP_INDEX_OF_COMMAND[kind])
+                        deliver = reply_sinks[kind] = partial(deliver_to_outbox, self, stamp)
                     if self._authorized and not isinstance(command, _CONNECTION_COMMANDS):
                         submit(event.request_id, command, deliver)
                         continue
-                    stop = self._handle(event.request_id, command, nursery)  # True: it became a watch
+                    stop = self._handle(event.request_id, command, nursery, deliver)  # True: it became a watch
                 if stop:
                     self._owed -= len(events) - 1 - index  # the requests after it are never answered
                     return
 
-    def _handle(self, request_id: int, command: Any, nursery: trio.Nursery) -> bool:
+    def _handle(self, request_id: int, command: Any, nursery: trio.Nursery, deliver: Any) -> bool:
         """A request the connection answers itself. Returns True when it became a watch stream."""
+        kind = type(command)
+
+        def counted(reply: dict[str, Any]) -> None:
+            self._engine.count_reply(kind, reply)
+            deliver(reply)
+
         if isinstance(command, Hello):
-            self._deliver(self._hello(request_id, command))
+            counted(self._hello(request_id, command))
         elif not self._authorized:
-            self._deliver(error_reply(request_id, codes.UNAUTHORIZED, "send hello with a valid token first", seq=0))
+            counted(error_reply(request_id, codes.UNAUTHORIZED, "send hello with a valid token first", seq=0))
         elif isinstance(command, Ping):
-            self._deliver({"id": request_id, "ok": True, "seq": 0})
+            counted({"id": request_id, "ok": True, "seq": 0})
         elif isinstance(command, Stats):
             stats = self._engine.stats()
             stats["connections"] = dict(self._counters)
             # Counters reflect every applied change: the reply waits until all of them are durable.
-            self._deliver({"id": request_id, "ok": True, **stats, "seq": self._engine.state.seq})
+            counted({"id": request_id, "ok": True, **stats, "seq": self._engine.state.seq})
         elif isinstance(command, Snapshot):
-            nursery.start_soon(self._snapshot, request_id)
+            nursery.start_soon(self._snapshot, request_id, counted)
         elif isinstance(command, Watch):
-            return self._watch(request_id, command)
+            return self._watch(request_id, command, counted)
         else:
             raise AssertionError(f"not a connection command: {command!r}")
         return False
@@ -164,28 +193,28 @@ class Connection:
         self._authorized = True
         return {"id": request_id, "ok": True, "server": SERVER_NAME, "version": protocol.PROTOCOL_VERSION, "seq": 0}
 
-    async def _snapshot(self, request_id: int) -> None:
+    async def _snapshot(self, request_id: int, deliver: Any) -> None:
         try:
             seq = await self._engine.snapshot()
         except RuntimeError as error:
-            self._deliver(error_reply(request_id, codes.INTERNAL, str(error), seq=0))
+            deliver(error_reply(request_id, codes.INTERNAL, str(error), seq=0))
             return
-        self._deliver({"id": request_id, "ok": True, "seq": seq})
+        deliver({"id": request_id, "ok": True, "seq": seq})
 
-    def _watch(self, request_id: int, command: Watch) -> bool:
+    def _watch(self, request_id: int, command: Watch, deliver: Any) -> bool:
         durable_seq = self._engine.wal.durable_seq
         from_seq = durable_seq + 1 if command.from_seq is None else max(command.from_seq, 1)
         if from_seq <= durable_seq:
             first_seq = self._engine.storage.first_seq()
             if first_seq is None or from_seq < first_seq:
                 oldest = durable_seq + 1 if first_seq is None else first_seq
-                self._deliver(error_reply(
+                deliver(error_reply(
                     request_id, codes.INVALID, f"events before seq {oldest} are no longer retained", first_seq=oldest, seq=0,
                 ))
                 return False
         self._counters["watchers"] += 1
         self._watch_from_seq = from_seq
-        self._deliver({"id": request_id, "ok": True, "seq": durable_seq})
+        deliver({"id": request_id, "ok": True, "seq": durable_seq})
         return True
 
     async def _discard_input(self) -> None:
@@ -195,10 +224,14 @@ class Connection:
     async def _receive(self) -> bytes:
         """Bytes from the client; b"" when it closed, vanished, or stalled inside a frame."""
         if self._protocol.partial_frame_bytes == 0:
-            return await self._transport.receive()
+            data = await self._transport.receive()
+            self._counters["bytes_received"] += len(data)
+            return data
         timeout_seconds = self._config.partial_frame_timeout_seconds
         with trio.move_on_after(timeout_seconds):
-            return await self._transport.receive()
+            data = await self._transport.receive()
+            self._counters["bytes_received"] += len(data)
+            return data
         self._counters["partial_frame_timeouts"] += 1
         log.info("closing a connection stalled for %.1f s inside a frame", timeout_seconds)
         return b""
@@ -209,10 +242,14 @@ class Connection:
         """Hand every ready reply to the socket (called by the outbox)."""
         if self.closed or not self.ready:
             self.ready.clear()
+            self.ready_stamps.clear()
             return
         count = len(self.ready)
         data = b"".join(self.ready)
         self.ready.clear()
+        # Counted as written now: handed to the kernel, or (its buffer full) queued for the writer.
+        self._latency.observe(self.ready_stamps)
+        self.ready_stamps.clear()
         if self._unsent:
             self._unsent += data  # behind bytes the writer is waiting to send
             self._unsent_replies += count
@@ -222,6 +259,7 @@ class Connection:
         except ConnectionLost as error:
             self._lost(error)
             return
+        self._counters["bytes_sent"] += sent
         if sent < len(data):
             self._unsent += memoryview(data)[sent:]
             self._unsent_replies = count
@@ -253,6 +291,7 @@ class Connection:
                 except ConnectionLost as error:
                     self._lost(error)
                     return
+                self._counters["bytes_sent"] += sent
                 del self._unsent[:sent]
                 if not self._unsent:
                     self._replies_sent(self._unsent_replies)
@@ -278,8 +317,10 @@ class Connection:
             if not events or events[0]["seq"] != next_seq:
                 log.warning("watcher fell behind the retained log at seq %d", next_seq)
                 return
+            data = b"".join(protocol.pack({"event": event}) for event in events)
+            self._counters["bytes_sent"] += len(data)
             try:
-                await self._transport.send_all(b"".join(protocol.pack({"event": event}) for event in events))
+                await self._transport.send_all(data)
             except ConnectionLost as error:
                 self._lost(error)
                 return

@@ -10,7 +10,7 @@ while its other lines wait for their owners.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 from .owners import Owners
 from .core import StockKey
@@ -55,3 +55,19 @@ class MultiLineHold:
             else:
                 del self._tentative[key]
         self._held.clear()
+
+
+def run_after_owners(owners: Owners, keys: Sequence[StockKey], job: Callable[[], None]) -> None:
+    """Run `job` once the owner of each of `keys` has handled everything queued there before
+    this call (in the task of the last one to get there). The caller checked `owners.has_room`."""
+    assert keys
+    unreached = len(keys)
+
+    def reached() -> None:
+        nonlocal unreached
+        unreached -= 1
+        if unreached == 0:
+            job()
+
+    for key in keys:
+        owners.send(key, reached)

@@ -17,13 +17,18 @@ from protocol import codes, error_reply, pack
 
 FAILED_MESSAGE = "the change could not be made durable; the server must be restarted"
 
+# What a reply carries for the latency metric: (monotonic ns when its frame was read, op index),
+# shared by the requests of one op in one received chunk (see `metrics.RequestLatency`).
+Stamp = tuple[int, int]
+
 
 class ReplyTarget(Protocol):
     """What the outbox needs of a connection (see `engine.connection.Connection`)."""
 
     closed: bool
     ready: list[bytes]  # packed replies that may go out now
-    waiting: deque[tuple[int, bytes, Any]]  # (seq, packed reply, request id) waiting for the log
+    ready_stamps: list[Stamp]  # the stamp of each reply in `ready`, in the same order
+    waiting: deque[tuple[int, bytes, Any, Stamp]]  # (seq, packed reply, request id, stamp) waiting for the log
 
     def flush(self) -> None:
         """Write `ready` to the socket (what the kernel does not take now, the writer task sends)."""
@@ -38,23 +43,24 @@ class Outbox:
         self._flush_wanted = trio.Event()
         self.connections_visited = 0  # by `release`: per commit, only those with replies waiting
 
-    def deliver(self, target: ReplyTarget, reply: dict[str, Any]) -> None:
+    def deliver(self, target: ReplyTarget, stamp: Stamp, reply: dict[str, Any]) -> None:
         """Queue one reply (a map with `id` and `seq`). It goes out once `seq` is durable."""
         if target.closed:
             return
         seq = reply.get("seq", 0)
         if seq <= self.durable_seq or self.failed:
-            self._ready(target, pack(reply if seq <= self.durable_seq else _failed_reply(reply.get("id"))))
+            self._ready(target, pack(reply if seq <= self.durable_seq else _failed_reply(reply.get("id"))), stamp)
             self._flush_wanted.set()
         else:
             if not target.waiting:
                 self._waiting_targets.append(target)
-            target.waiting.append((seq, pack(reply), reply.get("id")))
+            target.waiting.append((seq, pack(reply), reply.get("id"), stamp))
 
-    def _ready(self, target: ReplyTarget, data: bytes) -> None:
+    def _ready(self, target: ReplyTarget, data: bytes, stamp: Stamp) -> None:
         if not target.ready:
             self._dirty.append(target)
         target.ready.append(data)
+        target.ready_stamps.append(stamp)
 
     def release(self, durable_seq: int) -> None:
         """The log is durable up to `durable_seq`: send every reply that waited for it."""
@@ -69,7 +75,8 @@ class Outbox:
                 continue
             # Replies wait in arrival order; one behind a higher seq waits at most one commit more.
             while waiting and waiting[0][0] <= durable_seq:
-                self._ready(target, waiting.popleft()[1])
+                _, data, _, stamp = waiting.popleft()
+                self._ready(target, data, stamp)
             if waiting:
                 still_waiting.append(target)
         self._waiting_targets = still_waiting
@@ -80,9 +87,9 @@ class Outbox:
         self.failed = True
         for target in self._waiting_targets:
             while target.waiting:
-                _, _, request_id = target.waiting.popleft()
+                _, _, request_id, stamp = target.waiting.popleft()
                 if not target.closed:
-                    self._ready(target, pack(_failed_reply(request_id)))
+                    self._ready(target, pack(_failed_reply(request_id)), stamp)
         self._waiting_targets = []
         self.flush()
 

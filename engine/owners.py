@@ -42,6 +42,11 @@ class Owners:
         return self._owner_count
 
     @property
+    def awake(self) -> int:
+        """Owner tasks woken or running (not waiting for a message)."""
+        return sum(1 for wakeup in self._wakeups if wakeup is None)
+
+    @property
     def queued(self) -> int:
         return sum(len(mailbox) for mailbox in self._mailboxes)
 

@@ -5,10 +5,13 @@ Where each command is decided:
 - `get`, `adjust`, `count`, single-line `reserve`, `transfer` (at its source): in the owner of
   the SKU-location, in order with everything else queued there.
 - multi-line `reserve`: tentative holds at each line's owner, then one decision (`coordinator`).
-- `release`, `commit`, `extend`, `lookup`, expiry, `query`: at once, in the caller's step. They
-  never depend on availability (a release or commit can always be applied), so they need no turn
-  in a mailbox; applying them synchronously keeps every stock's history in log order.
-A request naming a rid whose `reserve` is still in flight waits for that reserve to finish.
+- `release`, `commit`, `extend` of a held reservation: behind what is queued at its lines'
+  owners (in the owner of a single line; for several lines, once the last of their owners has
+  reached it), so that requests a client pipelines on one SKU-location apply in the order sent.
+- `lookup`, expiry, `query`, and `release`/`commit`/`extend` of a closed or unknown reservation
+  (they change nothing): at once, in the caller's step.
+A request naming a rid whose `reserve`, `release`, `commit` or `extend` is still in flight waits
+for it to be decided.
 
 Tentative holds never cause a refusal. A reserve or transfer that fits the real state but not
 what is left after other requests' tentative holds waits ("parks") until those holds are lifted,
@@ -32,10 +35,12 @@ import trio
 from protocol import MUTATING_COMMANDS, Adjust, AdjustBatch, Commit, Count, CountBatch, Extend, Get, Lookup, Query, Release, Reserve, Transfer, codes, error_reply
 
 from .config import Config
-from .coordinator import MultiLineHold
+from .coordinator import MultiLineHold, run_after_owners
 from .core import HELD, RECORD_STATE, Expire, Forget, Reservation, State, StockKey, apply
-from .core.events import EXTENDED, RESERVED
+from .core.state import record_lines
+from .core.events import ADJUSTED, ADJUSTED_BATCH, COUNTED, COUNTED_BATCH, EXTENDED, RESERVED, TRANSFERRED
 from .expiry import ExpiryScheduler
+from .metrics import OVERLOADED_OWNER_MAILBOX, OVERLOADED_WAL_BACKLOG, Histogram, RequestLatency
 from .outbox import Outbox
 from .owners import Owners
 from .storage import LmdbStorage
@@ -74,9 +79,9 @@ class Engine:
         self._parked: dict[StockKey, deque[Callable[[], None]]] = {}  # waiting for tentative holds there
         self._routes: dict[type, Callable[[int | None, Any, ReplySink], None]] = {
             Reserve: self._route_reserve,
-            Release: self._route_by_rid,
-            Commit: self._route_by_rid,
-            Extend: self._route_by_rid,
+            Release: self._route_to_reservation,
+            Commit: self._route_to_reservation,
+            Extend: self._route_to_reservation,
             Lookup: self._route_by_rid,
             Get: self._route_to_stock,
             Adjust: self._route_to_stock,
@@ -88,10 +93,21 @@ class Engine:
             CountBatch: self._decide,
         }
         self.expiry = ExpiryScheduler(clock_ms, self._expire)
-        self.requests = Counter()
-        self.errors = Counter()
+        # Outcomes, counted where each is decided, in plain fields (read by `stats` and the
+        # metrics collector): command type -> ok replies; (command type, error code) -> errors.
+        self.ok_replies: Counter[type] = Counter()
+        self.errors: Counter[tuple[type, str]] = Counter()
+        self.duplicates: Counter[type] = Counter()  # ok replies that answered a retry from memory
+        self.overloaded: Counter[str] = Counter()  # refusals by cause (`metrics.OVERLOADED_CAUSES`)
+        self.request_latency = RequestLatency()  # observed by the connections as they write replies
+        self.expiries = 0
+        # SKU-locations that went below zero available (only adjust, count and transfer lower
+        # it); `shortage_count` re-checks and prunes them, so it never scans every SKU-location.
+        self.shortage_candidates: set[StockKey] = {key for key, stock in state.stocks.items() if stock.available < 0}
         self.started_at_ms = clock_ms()
         self.last_snapshot_seq = 0
+        self.last_snapshot_monotonic: float | None = None  # when this process last wrote one
+        self.snapshot_seconds = Histogram(SNAPSHOT_SECONDS_BUCKETS)
         for reservation in map(Reservation.from_record, state.reservations.values()):
             if reservation.state == HELD and reservation.expires_at_ms is not None:
                 self.expiry.schedule(reservation.expires_at_ms, reservation.rid)
@@ -101,12 +117,13 @@ class Engine:
     def submit(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
         """Route one validated core command. `reply_to` is called once, now or later."""
         kind = type(command)
-        self.requests[kind] += 1
         if self.wal.failure is not None:
+            self.errors[(kind, codes.INTERNAL)] += 1
             reply_to(error_reply(request_id, codes.INTERNAL, self.wal.failure))
             return
         if kind in _MUTATING and self.wal.backlog >= self.config.wal_backlog_max:
-            reply_to(self._overloaded(request_id, f"write-ahead log backlog is at its bound ({self.config.wal_backlog_max} records)"))
+            why = f"write-ahead log backlog is at its bound ({self.config.wal_backlog_max} records)"
+            reply_to(self._overloaded(request_id, kind, OVERLOADED_WAL_BACKLOG, why))
             return
         self._routes[kind](request_id, command, reply_to)
 
@@ -122,14 +139,44 @@ class Engine:
         else:
             self._decide(request_id, command, reply_to)
 
+    def _route_to_reservation(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
+        if command.rid in self._pending_rids:
+            self._with_rid(command.rid, partial(self._behind_reservation_lines, request_id, command, reply_to))
+        else:
+            self._behind_reservation_lines(request_id, command, reply_to)
+
+    def _behind_reservation_lines(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
+        """Decide a release, commit or extend of a held reservation behind everything queued at
+        its lines' owners; the rid is in flight meanwhile (later requests naming it wait)."""
+        rid = command.rid
+        record = self.state.reservations.get(rid)
+        if record is None or record[RECORD_STATE] != HELD:
+            self._decide(request_id, command, reply_to)  # not found, or closed: it changes nothing
+            return
+        keys = [(sku, loc) for sku, loc, _ in record_lines(record)]
+        if not self.owners.has_room(keys):
+            reply_to(self._overloaded(request_id, type(command), OVERLOADED_OWNER_MAILBOX, "a SKU-location queue is full"))
+            return
+        self._pending_rids[rid] = None
+        decide = partial(self._decide_then_rid_decided, request_id, command, reply_to)
+        if len(keys) == 1:
+            self.owners.send(keys[0], decide)
+        else:
+            run_after_owners(self.owners, keys, decide)
+
+    def _decide_then_rid_decided(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
+        self._decide(request_id, command, reply_to)
+        self._rid_decided(command.rid)
+
     def _route_to_stock(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
         self._at_owner((command.sku, command.loc), request_id, command, reply_to)
 
     def _route_transfer(self, request_id: int | None, command: Transfer, reply_to: ReplySink) -> None:
         self._at_owner((command.sku, command.from_loc), request_id, command, reply_to)
 
-    def _overloaded(self, request_id: int | None, why: str) -> dict[str, Any]:
-        self.errors[codes.OVERLOADED] += 1
+    def _overloaded(self, request_id: int | None, kind: type, cause: str, why: str) -> dict[str, Any]:
+        self.errors[(kind, codes.OVERLOADED)] += 1
+        self.overloaded[cause] += 1
         return error_reply(request_id, codes.OVERLOADED, f"server overloaded: {why}; retry later", seq=0)
 
     # -- deciding ----------------------------------------------------------------------------
@@ -137,23 +184,32 @@ class Engine:
     def _decide(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
         """Apply one command through the core, log its events, and hand back the reply."""
         if self.wal.failure is not None:
+            self.errors[(type(command), codes.INTERNAL)] += 1
             reply_to(error_reply(request_id, codes.INTERNAL, self.wal.failure))
             return
         _, events, reply = apply(self.state, command, self.clock_ms())
         if events:
             self.wal.append(events)
             for event in events:
-                if event["type"] in (RESERVED, EXTENDED) and event["expires_at_ms"] is not None:
-                    self.expiry.schedule(event["expires_at_ms"], event["rid"])
+                event_type = event["type"]
+                if event_type in _SCHEDULES_EXPIRY:
+                    if event["expires_at_ms"] is not None:
+                        self.expiry.schedule(event["expires_at_ms"], event["rid"])
+                elif event_type in _MAY_LOWER_AVAILABLE:
+                    self._note_shortages(event)
         if not reply["ok"]:
-            self.errors[reply["error"]] += 1
+            self.errors[(type(command), reply["error"])] += 1
+        else:
+            self.ok_replies[type(command)] += 1
+            if not events and "duplicate" in reply:
+                self.duplicates[type(command)] += 1
         reply["id"] = request_id
         reply_to(reply)
 
     def _at_owner(self, key: StockKey, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
         """Decide `command` in the owner of `key`, in order with what is queued there."""
         if not self.owners.try_send(key, partial(self._decide_unblocked, request_id, command, reply_to)):
-            reply_to(self._overloaded(request_id, f"the queue of the owner of {key!r} is full"))
+            reply_to(self._overloaded(request_id, type(command), OVERLOADED_OWNER_MAILBOX, f"the queue of the owner of {key!r} is full"))
 
     def _decide_unblocked(self, request_id: int | None, command: Any, reply_to: ReplySink, then: Callable[[], None] | None = None) -> None:
         """Decide now or, if only other requests' tentative holds stand in the way, once they are lifted."""
@@ -218,13 +274,13 @@ class Engine:
         if len(lines) == 1:
             decide = partial(self._reserve_one_line, request_id, command, reply_to)
             if not self.owners.try_send(lines[0][:2], decide):
-                reply_to(self._overloaded(request_id, "a SKU-location queue is full"))
+                reply_to(self._overloaded(request_id, Reserve, OVERLOADED_OWNER_MAILBOX, "a SKU-location queue is full"))
                 return
             self._pending_rids[command.rid] = None
             return
         keys = [(line.sku, line.loc) for line in lines]
         if not self.owners.has_room(keys):
-            reply_to(self._overloaded(request_id, "a SKU-location queue is full"))
+            reply_to(self._overloaded(request_id, Reserve, OVERLOADED_OWNER_MAILBOX, "a SKU-location queue is full"))
             return
         self._pending_rids[command.rid] = None
         rid_decided = partial(self._rid_decided, command.rid)
@@ -250,15 +306,55 @@ class Engine:
         return self.state.stock(*key).available
 
     def _expire(self, rid: str) -> None:
-        self._with_rid(rid, lambda: self._decide(None, Expire(rid), _ignore_reply))
+        self._with_rid(rid, partial(self._decide_expiry, rid))
+
+    def _decide_expiry(self, rid: str) -> None:
+        # The timer only proposes: an extended or closed reservation is not expired (no event).
+        seq_before = self.state.seq
+        self._decide(None, Expire(rid), _ignore_reply)
+        if self.state.seq != seq_before:
+            self.expiries += 1
+
+    # -- counting ----------------------------------------------------------------------------
+
+    def _note_shortages(self, event: dict[str, Any]) -> None:
+        """Remember the SKU-locations an adjust, count or transfer left below zero available."""
+        event_type = event["type"]
+        if event_type == TRANSFERRED:
+            keys = [(event["sku"], event["from"])]
+        elif event_type in (ADJUSTED, COUNTED):
+            keys = [(event["sku"], event["loc"])]
+        else:
+            keys = [(line["sku"], line["loc"]) for line in event["lines"]]
+        stocks = self.state.stocks
+        for key in keys:
+            if stocks[key].available < 0:
+                self.shortage_candidates.add(key)
+
+    def shortage_count(self) -> int:
+        """SKU-locations with available < 0 now. Prunes the candidates that recovered: O(candidates)."""
+        stocks = self.state.stocks
+        recovered = [key for key in self.shortage_candidates if stocks[key].available >= 0]
+        self.shortage_candidates.difference_update(recovered)
+        return len(self.shortage_candidates)
+
+    def count_reply(self, kind: type, reply: dict[str, Any]) -> None:
+        """Count a reply made outside `_decide` (the commands a connection answers itself)."""
+        if reply["ok"]:
+            self.ok_replies[kind] += 1
+        else:
+            self.errors[(kind, reply["error"])] += 1
 
     # -- housekeeping ------------------------------------------------------------------------
 
     async def snapshot(self) -> int:
         """Write a snapshot of the whole state; return the seq it covers (durable on return)."""
+        started = time.monotonic()
         snapshot = self.state.to_snapshot()
         await self.wal.save_snapshot(snapshot)
         self.last_snapshot_seq = snapshot["seq"]
+        self.last_snapshot_monotonic = time.monotonic()
+        self.snapshot_seconds.observe(self.last_snapshot_monotonic - started)
         cutoff_ms = self.clock_ms() - self.config.log_retention_ms
         await trio.to_thread.run_sync(self.storage.trim, snapshot["seq"], cutoff_ms, 100_000)
         log.info("snapshot at seq %d", snapshot["seq"])
@@ -297,7 +393,8 @@ class Engine:
             "applied_seq": self.state.seq,
             "stocks": len(self.state.stocks),
             "reservations": len(self.state.reservations),
-            "held": sum(1 for record in self.state.reservations.values() if record[RECORD_STATE] == HELD),
+            "held": self.state.held_reservations,
+            "held_units": self.state.held_units,
             "keys": len(self.state.keys),
             "owners": self.owners.owner_count,
             "owner_messages": self.owners.messages_processed,
@@ -308,11 +405,29 @@ class Engine:
             "rids_in_flight": len(self._pending_rids),
             "expiry_timers": len(self.expiry),
             "last_snapshot_seq": self.last_snapshot_seq,
-            "requests": {kind.__name__.lower(): count for kind, count in self.requests.items()},
-            "errors": dict(self.errors),
+            "requests": self._requests_by_kind_name(),
+            "errors": self._errors_by_code(),
             "wal": self.wal.stats(),
             "outbox_connections_visited": self.outbox.connections_visited,
         }
+
+
+    def _requests_by_kind_name(self) -> dict[str, int]:
+        """Answered requests per command type (ok and errors), as `stats` names them."""
+        requests: Counter[str] = Counter()
+        for kind, count in self.ok_replies.items():
+            requests[kind.__name__.lower()] += count
+        for (kind, _), count in self.errors.items():
+            requests[kind.__name__.lower()] += count
+        requests.pop("expire", None)  # the engine's own commands, not requests
+        requests.pop("forget", None)
+        return dict(requests)
+
+    def _errors_by_code(self) -> dict[str, int]:
+        errors: Counter[str] = Counter()
+        for (_, code), count in self.errors.items():
+            errors[code] += count
+        return dict(errors)
 
 
 def _ignore_reply(reply: dict[str, Any]) -> None:
@@ -320,3 +435,9 @@ def _ignore_reply(reply: dict[str, Any]) -> None:
 
 
 _MUTATING = frozenset(MUTATING_COMMANDS)
+_SCHEDULES_EXPIRY = (RESERVED, EXTENDED)
+# Available drops below zero only through these (a reserve never takes more than is available,
+# a commit leaves available as it was, and releases and expiries raise it).
+_MAY_LOWER_AVAILABLE = frozenset({ADJUSTED, COUNTED, ADJUSTED_BATCH, COUNTED_BATCH, TRANSFERRED})
+
+SNAPSHOT_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

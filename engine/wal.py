@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol
 import trio
 
 from .core import Event
+from .metrics import COMMIT_RECORDS_BUCKETS, COMMIT_SECONDS_BUCKETS, Histogram
 from .outbox import Outbox
 from .storage import LmdbStorage
 
@@ -102,6 +103,8 @@ class WriteAheadLog:
         self.records_committed = 0
         self.commit_seconds_total = 0.0
         self.commit_records_max = 0
+        self.commit_seconds = Histogram(COMMIT_SECONDS_BUCKETS)
+        self.commit_records = Histogram(COMMIT_RECORDS_BUCKETS)
 
     @property
     def backlog(self) -> int:
@@ -186,6 +189,8 @@ class WriteAheadLog:
         self.records_committed += count
         self.commit_seconds_total += elapsed
         self.commit_records_max = max(self.commit_records_max, count)
+        self.commit_seconds.observe(elapsed)
+        self.commit_records.observe(count)
         self.durable_seq = batch[-1]["seq"]
         self._broadcast()
 

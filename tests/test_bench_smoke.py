@@ -65,3 +65,20 @@ def test_engine_only_run_verifies_and_writes_json(tmp_path):
     assert measurement["verification"]["mismatched_sku_locations"] == 0
     assert len(measurement["series"]) == 2
     assert result["ok"] is True
+
+
+def test_metrics_overhead_runs_both_engines_and_scrapes(tmp_path):
+    """`python -m bench.metrics_overhead` for one short round: both engines verified, scraped."""
+    output = tmp_path / "metrics_overhead.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.metrics_overhead", "--rounds", "1", "--seconds", "1", "--modes", "pooled",
+         "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["scrapes"] >= 1 and not report["scrape_failures"]
+    summary = report["summary"]["pooled"]
+    assert summary["engine"]["requests_per_second_median"] > 0
+    assert summary["engine+metrics"]["requests_per_second_median"] > 0
+    assert "engine+metrics" in result.stdout and "median of the rounds' ratios" in result.stdout

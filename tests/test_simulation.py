@@ -103,9 +103,9 @@ def test_a_seed_reproduces_in_another_process():
 def test_the_checks_catch_a_reply_sent_before_it_is_durable(monkeypatch):
     """The simulation can fail: an outbox that sends every reply at once is caught."""
 
-    def deliver_at_once(self: Outbox, target, reply) -> None:
+    def deliver_at_once(self: Outbox, target, stamp, reply) -> None:
         if not target.closed:
-            self._ready(target, pack(reply))
+            self._ready(target, pack(reply), stamp)
             self._flush_wanted.set()
 
     monkeypatch.setattr(Outbox, "deliver", deliver_at_once)

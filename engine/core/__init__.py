@@ -18,5 +18,6 @@ from .state import (
     Stock,
     StockKey,
     check_invariants,
+    count_held,
     held_by_stock,
 )

@@ -102,12 +102,16 @@ def _apply_reserved(state: State, event: Event) -> None:
     assert rid not in state.reservations, f"event {seq}: rid {rid!r} reserved twice"
     stocks = state.stocks
     body: list = []
+    units = 0
     for line in event["lines"]:
         sku, loc, qty = line["sku"], line["loc"], line["qty"]
         stock = stocks.get((sku, loc)) or state.stock_for_update(sku, loc)
         stock.reserved += qty
         stock.last_seq = seq
+        units += qty
         body += (sku, loc, qty, stock.on_hand - stock.reserved, 0)
+    state.held_reservations += 1
+    state.held_units += units
     # A flat `Reservation` record (see `Reservation`).
     head = (rid, event["ttl_ms"], event["ref"], event["expires_at_ms"], event["ts_ms"], HELD, None, seq, False)
     state.reservations[rid] = head + tuple(body)
@@ -121,9 +125,11 @@ def _close(state: State, event: Event, new_state: str, committed: tuple | None) 
     committed_qty = {(sku, loc): qty for sku, loc, qty in committed} if committed is not None else None
     stocks = state.stocks
     body = list(record[RECORD_HEAD:]) if committed_qty is not None else None
+    state.held_reservations -= 1
     for index, (sku, loc, qty) in enumerate(record_lines(record)):
         stock = stocks[(sku, loc)]
         stock.reserved -= qty
+        state.held_units -= qty
         stock.last_seq = seq
         assert stock.reserved >= 0, f"event {seq}: reserved below zero at {(sku, loc)}"
         if committed_qty is not None:

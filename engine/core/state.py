@@ -195,6 +195,10 @@ class State:
     locations: dict[str, list[str]] = field(default_factory=dict)
     reservations: dict[str, tuple] = field(default_factory=dict)  # rid -> Reservation record
     keys: dict[str, bytes] = field(default_factory=dict)  # key -> packed KeyRecord
+    # Kept by `apply_event` as reservations open and close, so that counting them (`stats`, a
+    # metrics scrape every second) never scans millions of reservations.
+    held_reservations: int = 0
+    held_units: int = 0  # sum of the held lines' quantities (= sum of `reserved`)
 
     def stock(self, sku: str, loc: str) -> Stock:
         """The SKU-location's stock; an unknown one reads as zeros (and is not created)."""
@@ -275,6 +279,7 @@ class State:
             for key, packed in data["keys"]:
                 assert isinstance(packed, bytes) and len(packed) >= _KEY_RECORD_HEAD.size, f"key {key!r}: bad record"
                 state.keys[key] = packed
+        state.held_reservations, state.held_units = count_held(state)
         check_invariants(state)
         return state
 
@@ -307,9 +312,21 @@ def held_by_stock(state: State) -> dict[StockKey, int]:
     return held
 
 
+def count_held(state: State) -> tuple[int, int]:
+    """(held reservations, held units), counted over every reservation: O(reservations)."""
+    reservations = units = 0
+    for record in state.reservations.values():
+        if record[RECORD_STATE] == HELD:
+            reservations += 1
+            units += sum(qty for _, _, qty in record_lines(record))
+    return reservations, units
+
+
 def check_invariants(state: State) -> None:
     """Assert what must always hold (O(size of state): for tests, recovery and `verify`)."""
     held = held_by_stock(state)
+    counted = count_held(state)
+    assert (state.held_reservations, state.held_units) == counted, f"held counts {(state.held_reservations, state.held_units)} != counted {counted}"
     for key, stock in state.stocks.items():
         assert stock.reserved == held.get(key, 0), f"{key}: reserved {stock.reserved} != held lines {held.get(key, 0)}"
         assert stock.on_hand >= 0, f"{key}: on_hand {stock.on_hand} < 0"
