@@ -22,9 +22,11 @@ class Record:
     fields: dict[str, Any]
     sent_tick: int
     seen_seq_at_send: int
+    sent_at_seconds: float  # simulated time (for liveness; the checks of order use ticks)
     retry: bool = False
     reply: dict[str, Any] | None = None
     reply_tick: int | None = None
+    reply_seconds: float | None = None  # simulated time from send to reply
     durable_seq_at_reply: int | None = None  # the disk's last seq when the reply was received
     abandoned: bool = False  # the client gave up on it (cancelled, or the connection broke)
 
@@ -37,15 +39,16 @@ class History:
     tick: int = 0
     seen_seq: int = 0  # highest seq of any reply received so far
 
-    def sent(self, client: int, op: str, fields: dict[str, Any], retry: bool) -> Record:
+    def sent(self, client: int, op: str, fields: dict[str, Any], retry: bool, now_seconds: float) -> Record:
         self.tick += 1
-        record = Record(client, op, fields, self.tick, self.seen_seq, retry)
+        record = Record(client, op, fields, self.tick, self.seen_seq, now_seconds, retry)
         self.records.append(record)
         return record
 
-    def replied(self, record: Record, reply: dict[str, Any], durable_seq: int) -> None:
+    def replied(self, record: Record, reply: dict[str, Any], durable_seq: int, now_seconds: float) -> None:
         assert record.reply is None, f"two replies to one request: {record}"
         self.tick += 1
+        record.reply_seconds = now_seconds - record.sent_at_seconds
         record.reply = reply
         record.reply_tick = self.tick
         record.durable_seq_at_reply = durable_seq
