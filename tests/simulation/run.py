@@ -5,7 +5,8 @@ commit), `Outbox`, `Connection` and `_handle_connection` (the server's connectio
 codec, the core, `recover`. Simulated: the disk (`storage.MemoryDisk`, with injected write
 failures), the commit thread (`commit.SimulatedCommitRunner`: a seeded fsync time inside trio),
 the network (`network.py`: bounded in-memory pipes), the clock (trio's `MockClock`, autojump),
-and the clients. The server stack is built here as `engine.server.run_server` builds it (the
+and the clients (`clients.py`, drawing requests from `workload.py`). This file runs the server
+processes one after another, the chaos that kills or stops them, and the checks at the end. The server stack is built here as `engine.server.run_server` builds it (the
 LMDB folder, its lock, the listening socket and the worker-thread recovery left out).
 
 Every choice comes from `random.Random` instances seeded from the run's seed, and trio's own
@@ -30,7 +31,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Hashable, Iterator
+from typing import Hashable, Iterator
 
 import msgpack
 import trio
@@ -43,24 +44,18 @@ from engine.owners import Owners
 from engine.recovery import recover
 from engine.server import _handle_connection
 from engine.service import Engine
-from engine.transport import ConnectionLost
 from engine.wal import WriteAheadLog
-from protocol import ClientProtocol
 
+from .clients import Clients
 from .checks import check_log, check_origins, check_replies, replay
 from .commit import SimulatedCommitRunner
 from .history import History
-from .network import ClientEnd, ConnectionRefused, SimulatedListener
+from .network import SimulatedListener
 from .storage import MemoryDisk, MemoryStorage
 from .workload import STOCK_KEYS, Workload
 
 BASE_CLOCK_MS = 1_767_225_600_000  # 2026-01-01: the simulated clock's epoch
 SIMULATED_SECONDS_MAX = 3600.0  # a run that has not finished by then is stuck: a violation
-BATCH_SIZES = (1, 1, 2, 3, 5, 8)  # requests a client pipelines before waiting for the replies
-# A live connection owes a reply within this (simulated) time. Measured over 200 seeds the
-# slowest reply took 0.31 s (one record per commit, a commit of up to 50 ms, 12 clients with up
-# to 8 requests in flight each). Longer is a lost reply (a liveness violation).
-REPLY_SECONDS_MAX = 2.0
 # At the end the server runs this long without faults of the chaos; then no reservation may be
 # held more than EXPIRY_LATENESS_MS_MAX past its expiry (the timer fires within a millisecond).
 FINAL_QUIET_SECONDS = 0.5
@@ -137,6 +132,7 @@ class Simulation:
         self._commit_chooser = self._chooser("commit")
         self._restart_chooser = self._chooser("restart")
         self._shared_rids: list[str] = []
+        self.clients = Clients(self.listener, self.history, self.disk, self.violation, options.abandon_probability, options.think_seconds_max)
         self._server: _Server | None = None
         self._server_changed = trio.Event()
 
@@ -161,7 +157,9 @@ class Simulation:
                     nursery.start_soon(self._chaos, chaos_scope)
                     async with trio.open_nursery() as clients:
                         for number in range(self.options.clients):
-                            clients.start_soon(self._client, number)
+                            chooser = self._chooser(f"client {number}")
+                            workload = Workload(number, chooser, self._shared_rids)
+                            clients.start_soon(self.clients.run_client, number, chooser, workload, self.options.requests_per_client)
                     chaos_scope.cancel()
                     await self._final_checks()
                     nursery.cancel_scope.cancel()
@@ -308,113 +306,10 @@ class Simulation:
             fields = {"key": f"setup-{index}", "sku": sku, "loc": loc, "on_hand": chooser.randint(0, 30)}
             while True:
                 await self._running_engine()
-                reply = await self._one_request(-1, chooser, "count", fields)
+                reply = await self.clients.request_once(-1, "count", fields)
                 if reply is not None and reply["ok"]:
                     break
                 await trio.sleep(0.01)
-
-    async def _one_request(self, client: int, chooser: random.Random, op: str, fields: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            end = self.listener.connect()
-        except ConnectionRefused:
-            return None
-        with _closing(end):
-            protocol = ClientProtocol()
-            request_id, data = protocol.request(op, **fields)
-            record = self.history.sent(client, op, fields, retry=False, now_seconds=trio.current_time())
-            try:
-                await end.send(data)
-                while True:
-                    with trio.move_on_after(REPLY_SECONDS_MAX) as waited:
-                        received = await end.receive()
-                    if waited.cancelled_caught:
-                        self.violation(f"setup: no reply within {REPLY_SECONDS_MAX} s on a live connection: {record}")
-                        record.abandoned = True
-                        return None
-                    if not received:
-                        record.abandoned = True
-                        return None
-                    for reply in protocol.receive_data(received):
-                        assert reply["id"] == request_id
-                        self.history.replied(record, reply, self.disk.last_seq, trio.current_time())
-                        return reply
-            except ConnectionLost:
-                record.abandoned = True
-                return None
-
-    async def _client(self, number: int) -> None:
-        chooser = self._chooser(f"client {number}")
-        workload = Workload(number, chooser, self._shared_rids)
-        remaining = self.options.requests_per_client
-        while remaining > 0:
-            try:
-                end = self.listener.connect()
-            except ConnectionRefused:
-                await trio.sleep(chooser.uniform(0.01, 0.2))
-                continue
-            with _closing(end):
-                remaining = await self._session(number, chooser, workload, end, remaining)
-
-    async def _session(self, number: int, chooser: random.Random, workload: Workload, end: ClientEnd, remaining: int) -> int:
-        """Batches of requests on one connection until it breaks or the client gives up on one."""
-        protocol = ClientProtocol()
-        pending: dict[int, Any] = {}
-        changed = [trio.Event()]
-        closed = False
-
-        def wake() -> None:
-            changed[0].set()
-            changed[0] = trio.Event()
-
-        async def read_replies() -> None:
-            nonlocal closed
-            while received := await end.receive():
-                for reply in protocol.receive_data(received):
-                    record = pending.pop(reply.get("id"), None)
-                    if record is None:
-                        self.violation(f"client {number}: a reply to no pending request: {reply}")
-                        continue
-                    self.history.replied(record, reply, self.disk.last_seq, trio.current_time())
-                    workload.observe(record.op, record.fields, reply)
-                wake()
-            closed = True
-            wake()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_replies)
-            while remaining > 0 and not closed:
-                batch = [workload.next_request() for _ in range(min(remaining, chooser.choice(BATCH_SIZES)))]
-                remaining -= len(batch)
-                give_up_seconds = chooser.uniform(0, 0.01) if chooser.random() < self.options.abandon_probability else math.inf
-                with trio.move_on_after(min(give_up_seconds, REPLY_SECONDS_MAX)) as give_up:
-                    try:
-                        for op, fields, retry in batch:
-                            request_id, data = protocol.request(op, **fields)
-                            pending[request_id] = self.history.sent(number, op, fields, retry, trio.current_time())
-                            await end.send(data)
-                    except ConnectionLost:  # the server went away (a kill): reconnect
-                        break
-                    while pending and not closed:
-                        await changed[0].wait()
-                if give_up.cancelled_caught:
-                    if give_up_seconds > REPLY_SECONDS_MAX:
-                        self.violation(f"client {number}: no reply within {REPLY_SECONDS_MAX} s on a live connection: {list(pending.values())}")
-                    break
-                await trio.sleep(chooser.uniform(0, self.options.think_seconds_max))
-            nursery.cancel_scope.cancel()
-        for record in pending.values():
-            record.abandoned = True
-            workload.observe(record.op, record.fields, None)
-        return remaining
-
-
-@contextmanager
-def _closing(end: ClientEnd) -> Iterator[ClientEnd]:
-    try:
-        yield end
-    finally:
-        end.close()
-
 
 @contextmanager
 def _seeded_trio_scheduler(seed: int) -> Iterator[None]:
