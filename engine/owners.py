@@ -21,9 +21,14 @@ Message = Callable[[], None]
 class Owners:
     """Routes a key (a `(sku, loc)` pair) to the mailbox of the task that owns it."""
 
-    def __init__(self, nursery: trio.Nursery, owner_count: int, mailbox_messages_max: int):
+    def __init__(
+        self, nursery: trio.Nursery, owner_count: int, mailbox_messages_max: int, key_hash: Callable[[Hashable], int] = hash,
+    ):
+        """`key_hash` picks a key's partition; the default, `hash`, is salted per process for
+        strings, so the deterministic simulation passes a stable one."""
         assert owner_count >= 1 and mailbox_messages_max >= 1
         self._owner_count = owner_count
+        self._key_hash = key_hash
         self._mailbox_messages_max = mailbox_messages_max
         self._mailboxes: list[deque[Message]] = [deque() for _ in range(owner_count)]
         self._wakeups: list[trio.Event | None] = [None] * owner_count
@@ -50,14 +55,14 @@ class Owners:
         multi-line request is either fully sent or refused as `overloaded`)."""
         added: dict[int, int] = {}
         for key in keys:
-            index = hash(key) % self._owner_count
+            index = self._key_hash(key) % self._owner_count
             added[index] = added.get(index, 0) + 1
         mailboxes, limit = self._mailboxes, self._mailbox_messages_max
         return all(len(mailboxes[index]) + count <= limit for index, count in added.items())
 
     def send(self, key: Hashable, message: Message) -> None:
         """Queue `message` for the owner of `key`. The caller checked `has_room` first."""
-        index = hash(key) % self._owner_count
+        index = self._key_hash(key) % self._owner_count
         mailbox = self._mailboxes[index]
         assert len(mailbox) < self._mailbox_messages_max, f"mailbox of owner {index} is full"
         mailbox.append(message)
@@ -68,7 +73,7 @@ class Owners:
 
     def try_send(self, key: Hashable, message: Message) -> bool:
         """Queue `message` for the owner of `key` if its mailbox has room; else return False."""
-        index = hash(key) % self._owner_count
+        index = self._key_hash(key) % self._owner_count
         mailbox = self._mailboxes[index]
         if len(mailbox) >= self._mailbox_messages_max:
             return False

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import trio
 
@@ -67,9 +67,25 @@ class _CommitThread:
         self._jobs.put(None)
 
 
+class CommitRunner(Protocol):
+    """Where a log commit (a blocking storage call) runs: `_CommitThread` in the server; the
+    deterministic simulation runs it inside trio after a simulated fsync delay."""
+
+    async def run(self, call: Callable[[], Any]) -> Any:
+        """Run `call()`; return its result or raise its exception. Not cancellable."""
+
+    def stop(self) -> None:
+        """No more commits will be asked for."""
+
+
 class WriteAheadLog:
-    def __init__(self, storage: LmdbStorage, records_per_commit_max: int, snapshots_kept: int, outbox: Outbox):
+    def __init__(
+        self, storage: LmdbStorage, records_per_commit_max: int, snapshots_kept: int, outbox: Outbox,
+        commit_runner: Callable[[], CommitRunner] = _CommitThread,
+    ):
+        """`commit_runner` makes the `CommitRunner` when the writer starts (in its trio run)."""
         assert records_per_commit_max >= 1
+        self._new_commit_runner = commit_runner
         self._storage = storage
         self._records_per_commit_max = records_per_commit_max
         self._snapshots_kept = snapshots_kept
@@ -134,7 +150,7 @@ class WriteAheadLog:
 
     async def run(self) -> None:
         """The writer loop. Runs until cancelled; on a failed commit it records why and stops."""
-        self._commit_thread = _CommitThread()
+        self._commit_thread = self._new_commit_runner()
         try:
             await self._write_until_failed()
         finally:
