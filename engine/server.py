@@ -81,7 +81,7 @@ async def run_server(
     stopped = trio.Event()
     data_lock = lock_data_folder(config.data_dir)  # one server per folder: DataFolderLocked if taken
     try:
-        storage = LmdbStorage(storage_path(config), config.map_size_bytes)
+        storage = LmdbStorage(storage_path(config), config.map_size_bytes, map_size_max_bytes=config.map_size_max_bytes)
     except BaseException:
         data_lock.release()
         raise

@@ -102,7 +102,7 @@ class Engine:
         """Route one validated core command. `reply_to` is called once, now or later."""
         kind = type(command)
         self.requests[kind] += 1
-        if self.wal.failure is not None:
+        if self.wal.failure is not None and kind not in _READS:
             reply_to(error_reply(request_id, codes.INTERNAL, self.wal.failure))
             return
         if kind in _MUTATING and self.wal.backlog >= self.config.wal_backlog_max:
@@ -135,8 +135,11 @@ class Engine:
     # -- deciding ----------------------------------------------------------------------------
 
     def _decide(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
-        """Apply one command through the core, log its events, and hand back the reply."""
-        if self.wal.failure is not None:
+        """Apply one command through the core, log its events, and hand back the reply.
+
+        Once the log has stopped (`wal.failure`), only reads are decided: the outbox answers
+        each that reflects durable changes only, and turns any other into `internal`."""
+        if self.wal.failure is not None and type(command) not in _READS:
             reply_to(error_reply(request_id, codes.INTERNAL, self.wal.failure))
             return
         _, events, reply = apply(self.state, command, self.clock_ms())
@@ -320,3 +323,6 @@ def _ignore_reply(reply: dict[str, Any]) -> None:
 
 
 _MUTATING = frozenset(MUTATING_COMMANDS)
+# Still answered after the log stopped: they change nothing, and their replies wait for their
+# seq like any other (so one that reflects a change that never became durable is refused).
+_READS = frozenset((Get, Query, Lookup))

@@ -202,4 +202,6 @@ class WriteAheadLog:
             "commit_seconds_total": round(self.commit_seconds_total, 6),
             "commit_records_max": self.commit_records_max,
             "failure": self.failure,
+            # map_size_bytes, map_size_max_bytes, map_growths, map_full_at_ceiling
+            **self._storage.map_stats(),
         }
