@@ -38,6 +38,7 @@ from .core.events import EXTENDED, RESERVED
 from .expiry import ExpiryScheduler
 from .outbox import Outbox
 from .owners import Owners
+from .snapshotter import Snapshotter
 from .storage import LmdbStorage
 from .wal import WriteAheadLog
 
@@ -91,7 +92,7 @@ class Engine:
         self.requests = Counter()
         self.errors = Counter()
         self.started_at_ms = clock_ms()
-        self.last_snapshot_seq = 0
+        self.snapshots = Snapshotter(config, state, storage, wal, clock_ms)
         for reservation in map(Reservation.from_record, state.reservations.values()):
             if reservation.state == HELD and reservation.expires_at_ms is not None:
                 self.expiry.schedule(reservation.expires_at_ms, reservation.rid)
@@ -257,15 +258,14 @@ class Engine:
 
     # -- housekeeping ------------------------------------------------------------------------
 
-    async def snapshot(self) -> int:
-        """Write a snapshot of the whole state; return the seq it covers (durable on return)."""
-        snapshot = self.state.to_snapshot()
-        await self.wal.save_snapshot(snapshot)
-        self.last_snapshot_seq = snapshot["seq"]
-        cutoff_ms = self.clock_ms() - self.config.log_retention_ms
-        await trio.to_thread.run_sync(self.storage.trim, snapshot["seq"], cutoff_ms, 100_000)
-        log.info("snapshot at seq %d", snapshot["seq"])
-        return snapshot["seq"]
+    async def snapshot(self, *, on_loop: bool = False) -> int:
+        """Write a snapshot covering every change applied so far; return the seq it covers
+        (durable on return). Built off the event loop unless `on_loop` (see `Snapshotter`)."""
+        return await self.snapshots.take(on_loop=on_loop)
+
+    @property
+    def last_snapshot_seq(self) -> int:
+        return self.snapshots.last_seq
 
     def forget_old_ids(self) -> None:
         """Drop idempotency memory older than the retention (logged, so replay agrees)."""
@@ -311,6 +311,7 @@ class Engine:
             "rids_in_flight": len(self._pending_rids),
             "expiry_timers": len(self.expiry),
             "last_snapshot_seq": self.last_snapshot_seq,
+            "snapshots": self.snapshots.stats(),
             "requests": {kind.__name__.lower(): count for kind, count in self.requests.items()},
             "errors": dict(self.errors),
             "wal": self.wal.stats(),

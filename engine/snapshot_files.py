@@ -40,11 +40,10 @@ def file_name(seq: int) -> str:
 
 
 class SnapshotFiles:
-    """The snapshot files in `folder` (created on the first write unless `create` is False)."""
+    """The snapshot files in `folder` (created by the first write)."""
 
-    def __init__(self, folder: str, *, create: bool):
+    def __init__(self, folder: str):
         self.folder = folder
-        self._create = create
 
     def seqs(self) -> list[int]:
         """The seqs of the complete snapshot files, oldest first."""
@@ -88,8 +87,7 @@ class SnapshotFiles:
     def write(self, snapshot: dict[str, Any]) -> int:
         """Write `snapshot` durably: a partial file, fsync'd, renamed into place, the folder
         fsync'd. Returns the file's size in bytes."""
-        if self._create:
-            os.makedirs(self.folder, exist_ok=True)
+        os.makedirs(self.folder, exist_ok=True)  # a write creates the folder, even a read-only environment's builder's
         body = msgpack.packb(snapshot, use_bin_type=True)
         name = file_name(snapshot["seq"])
         partial = os.path.join(self.folder, f"{name}.partial-{os.getpid()}")

@@ -173,7 +173,7 @@ class LmdbStorage:
         self.map_growths = 0
         self.map_full_at_ceiling = False
         self._gate = _TransactionGate()
-        self._files = SnapshotFiles(os.path.join(path, "snapshots"), create=not read_only)
+        self._files = SnapshotFiles(os.path.join(path, "snapshots"))
         self._env = lmdb.open(
             path,
             map_size=0 if read_only else map_size_bytes,  # 0: the size the environment was made with

@@ -214,7 +214,7 @@ def test_verify_passes_on_good_data_and_names_each_difference_in_a_corrupted_cop
 def _corrupt_latest_snapshot(lmdb_path: Path) -> tuple[str, str, int]:
     """Add 7 to the on_hand of the first stock in the latest snapshot (a file, rewritten with a
     valid checksum: a figure that is wrong, not a damaged file); return its old figure."""
-    files = SnapshotFiles(str(lmdb_path / "snapshots"), create=False)
+    files = SnapshotFiles(str(lmdb_path / "snapshots"))
     snapshot = files.read(files.seqs()[-1])
     sku, loc, on_hand, reserved, last_seq = snapshot["stocks"][0]
     snapshot["stocks"][0] = [sku, loc, on_hand + 7, reserved, last_seq]
