@@ -10,18 +10,17 @@ file (`SnapshotFiles.write`: durable on return). The server asks for a seq that 
 already, so the snapshot never covers a change a crash could take back. Exit status 0 once the
 file is durable; anything else means no new snapshot (and nothing lost: the log has it all).
 
-It dies with its server (PR_SET_PDEATHSIG), even when the server is killed with SIGKILL, and it
+It dies with its server (a watchdog thread), even when the server is killed with SIGKILL, and it
 runs at a lower priority than the server (`BUILDER_NICENESS`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
-import signal
 import sys
+import threading
 import time
 
 from .core import State, check_invariants
@@ -32,7 +31,7 @@ log = logging.getLogger("engine.snapshot_builder")
 
 # Background work: the server's requests go first on a busy machine.
 BUILDER_NICENESS = 10
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_CHECK_SECONDS = 0.2
 
 
 def build_snapshot(lmdb_path: str, through_seq: int) -> dict[str, float]:
@@ -58,13 +57,17 @@ def build_snapshot(lmdb_path: str, through_seq: int) -> dict[str, float]:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the server's cancellation still kills us
-        pass
-    if os.getppid() != parent_pid:  # the parent died before the prctl
-        sys.exit(3)
+    """Exit as soon as the server that started us is gone (even killed with SIGKILL): a watchdog
+    thread that looks at our parent every `PARENT_CHECK_SECONDS`. (Not PR_SET_PDEATHSIG: it
+    fires when the parent's *thread* that forked us ends, and trio starts processes from a
+    worker thread that ends after a few idle seconds.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(3)  # no cleanup: a partial file is removed by the next server
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 def main(argv: list[str]) -> int:

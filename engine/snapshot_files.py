@@ -25,8 +25,10 @@ MAGIC = b"ENGSNAP1"
 _HEADER = struct.Struct(">8sQI")  # magic, body length in bytes, CRC-32 of the body
 _NAME = re.compile(r"^snapshot-(\d{20})\.snap$")
 _PARTIAL = re.compile(r"^snapshot-\d{20}\.snap\.partial-\d+$")
-# Written in pieces so that a writer can be interrupted between them (and so that the pause
-# point for the crash tests falls inside the write); 8 MiB keeps the system calls few.
+# Written and synced in pieces: the server's log commits fsync on the same disk, and one fsync
+# of a whole snapshot (hundreds of MiB at millions of SKU-locations) would hold them up for its
+# whole writeback; a piece at a time, a commit waits for one piece at most. (The pause point of
+# the crash tests falls between two pieces.)
 WRITE_CHUNK_BYTES = 8 * 1024**2
 
 
@@ -97,9 +99,10 @@ class SnapshotFiles:
             view = memoryview(body)
             for start in range(0, len(view), WRITE_CHUNK_BYTES):
                 file.write(view[start : start + WRITE_CHUNK_BYTES])
+                file.flush()
+                os.fdatasync(file.fileno())
                 if start == 0:
                     pause_point("snapshot-write")  # crash tests: a kill lands mid-write
-            file.flush()
             os.fsync(file.fileno())
         os.rename(partial, os.path.join(self.folder, name))
         _fsync_folder(self.folder)

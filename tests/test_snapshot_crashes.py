@@ -177,3 +177,36 @@ def test_kill_9_during_start_up_replay(server_process, data_dir, monkeypatch):
             replaying.wait(timeout=10)
     restarted = _restart_and_compare(server_process, data_dir, rids, expected)
     assert restarted.terminate() == 0
+
+
+def test_a_builder_started_from_a_thread_that_ends_keeps_running(tmp_path):
+    """trio starts processes from a worker thread that ends when idle; the builder must outlive
+    that thread (it dies with its parent process only)."""
+    import threading
+
+    path = tmp_path / "lmdb"
+    storage = LmdbStorage(str(path), 64 * 1024**2)
+    storage.append([{"seq": 1, "ts_ms": 1, "type": "adjusted", "key": "k", "sku": "s", "loc": "l", "delta": 3, "reason": "receipt"}])
+    storage.close()
+    started: list[subprocess.Popen] = []
+
+    def spawn() -> None:  # the thread ends right after the spawn
+        started.append(subprocess.Popen(
+            [sys.executable, "-m", "engine.snapshot_builder", str(path), "1", str(os.getpid())],
+            cwd=ROOT, env={**os.environ, "ENGINE_PAUSE_AT": "snapshot-write:1.5"}, stderr=subprocess.DEVNULL,
+        ))
+
+    spawner = threading.Thread(target=spawn)
+    spawner.start()
+    spawner.join()
+    try:
+        assert started[0].wait(timeout=20) == 0
+    finally:
+        if started[0].poll() is None:
+            started[0].kill()
+            started[0].wait(timeout=10)
+    reader = LmdbStorage(str(path), 0, read_only=True)
+    try:
+        assert reader.snapshot_seqs() == [1] and reader.latest_snapshot()["stocks"] == [["s", "l", 3, 0, 1]]
+    finally:
+        reader.close()
