@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import closing
+from typing import Iterator
 
-from .core import State, apply_event, check_invariants
+from .core import Event, State, apply_event, check_invariants
 from .pause_points import pause_point
 from .storage import LmdbStorage
 
@@ -36,12 +38,21 @@ def recover(storage: LmdbStorage) -> tuple[State, int]:
 def replay_log(storage: LmdbStorage, state: State, through_seq: int) -> int:
     """Apply every logged event after `state.seq` up to `through_seq` to `state`; return how
     many. Raises when the log does not continue `state` or does not reach `through_seq`."""
-    replayed = 0
-    last_progress = time.monotonic()
     # Entry by entry (a group commit each), straight from the log: `read_entries` checks every
     # event it reads back; the gap check below and `apply_event`'s seq assertion keep the seqs
     # consecutive from the snapshot's on.
-    for events in storage.read_entries(state.seq + 1):
+    entries = storage.read_entries(state.seq + 1)
+    with closing(entries):  # ends the read transaction even when replay stops early
+        replayed = _apply_entries(entries, state, through_seq)
+    if state.seq < through_seq:
+        raise RuntimeError(f"the log ends at seq {state.seq}, its last record is {through_seq}")
+    return replayed
+
+
+def _apply_entries(entries: Iterator[list[Event]], state: State, through_seq: int) -> int:
+    replayed = 0
+    last_progress = time.monotonic()
+    for events in entries:
         if state.seq >= through_seq:
             break
         if events[0]["seq"] != state.seq + 1:
@@ -58,6 +69,4 @@ def replay_log(storage: LmdbStorage, state: State, through_seq: int) -> int:
             if now - last_progress >= PROGRESS_EVERY_SECONDS:
                 log.info("replaying: seq %d of %d (%d records)", state.seq, through_seq, replayed)
                 last_progress = now
-    if state.seq < through_seq:
-        raise RuntimeError(f"the log ends at seq {state.seq}, its last record is {through_seq}")
     return replayed
