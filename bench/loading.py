@@ -174,6 +174,25 @@ async def load_batches(port: int, total: int, locations_per_sku: int, connection
             nursery.start_soon(connection, indices)
 
 
+async def load_reservations(port: int, total: int, locations_per_sku: int, connections: int, depth: int, run_id: str) -> None:
+    """One open single-line reservation (qty 1, no expiry) on each of the first `total`
+    SKU-locations, pipelined over `connections`. Load their stock first (`load_batches`)."""
+
+    async def connection(indices: range) -> None:
+        codec = ClientProtocol()
+
+        def frames() -> Iterator[bytes]:
+            for index in indices:
+                sku, loc = sku_location(index, locations_per_sku)
+                yield codec.request("reserve", rid=f"{run_id}-hold-{index}", lines=[{"sku": sku, "loc": loc, "qty": 1}])[1]
+
+        await _pipelined(port, frames(), codec, depth, _check)
+
+    async with trio.open_nursery() as nursery:
+        for indices in slices(total, connections):
+            nursery.start_soon(connection, indices)
+
+
 def settle_seconds(pid: int, seconds: float) -> int:
     """Wait `seconds` (queues drain, the log commits), then return the resident bytes."""
     time.sleep(seconds)

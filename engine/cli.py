@@ -11,7 +11,7 @@ import trio
 
 from .access import InsecureListenRefused
 from .auth import AuthFileError
-from .config import DAY_MS, HOUR_MS, Config
+from .config import DAY_MS, HOUR_MS, SNAPSHOT_BUILDERS, Config
 from .data_lock import DataFolderLocked
 from .server import RunningServer, process_started_monotonic, run_server
 from .tls import TlsConfigError
@@ -42,10 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-timeout-seconds", type=float, default=None,
                        help="close a connection with no request and no reply owed for this long (default: never)")
     serve.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
-    serve.add_argument("--map-size-mb", type=int, default=defaults.map_size_bytes // 1024**2, help="LMDB map size (address space, not disk)")
+    serve.add_argument("--map-size-mb", type=int, default=defaults.map_size_bytes // 1024**2, help="initial LMDB map size (address space, not disk; default %(default)s)")
+    serve.add_argument(
+        "--map-size-max-mb", type=int, default=defaults.map_size_max_bytes // 1024**2,
+        help="ceiling the LMDB map grows to (doubling) when full; at it, changes are refused with internal (default %(default)s)",
+    )
     serve.add_argument("--id-retention-hours", type=float, default=defaults.id_retention_ms / HOUR_MS)
     serve.add_argument("--log-retention-days", type=float, default=defaults.log_retention_ms / DAY_MS)
     serve.add_argument("--snapshot-interval-seconds", type=float, default=defaults.snapshot_interval_seconds)
+    serve.add_argument(
+        "--snapshot-builder", choices=SNAPSHOT_BUILDERS, default=defaults.snapshot_builder,
+        help="build snapshots in a separate process from the log (default) or on the event loop (pauses serving)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_sync_parser(commands)
     return parser
@@ -66,9 +74,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         idle_timeout_seconds=args.idle_timeout_seconds,
         max_frame_bytes=args.max_frame_bytes,
         map_size_bytes=args.map_size_mb * 1024**2,
+        map_size_max_bytes=max(args.map_size_max_mb, args.map_size_mb) * 1024**2,
         id_retention_ms=int(args.id_retention_hours * HOUR_MS),
         log_retention_ms=int(args.log_retention_days * DAY_MS),
         snapshot_interval_seconds=args.snapshot_interval_seconds,
+        snapshot_builder=args.snapshot_builder,
     )
 
 

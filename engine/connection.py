@@ -182,7 +182,10 @@ class Connection:
             stats = self._engine.stats()
             stats["connections"] = dict(self._counters)
             # Counters reflect every applied change: the reply waits until all of them are durable.
-            counted({"id": request_id, "ok": True, **stats, "seq": self._engine.state.seq})
+            # Once the log has stopped they never will be: the operator still gets the figures
+            # (with the failure, and applied_seq beyond durable_seq).
+            wal = self._engine.wal
+            counted({"id": request_id, "ok": True, **stats, "seq": self._engine.state.seq if wal.failure is None else wal.durable_seq})
         elif isinstance(command, Snapshot):
             nursery.start_soon(self._snapshot, request_id, counted)
         elif isinstance(command, Watch):
@@ -374,7 +377,7 @@ class Connection:
     async def _stream_events(self, next_seq: int) -> None:
         """Push every durable event from `next_seq` on, in log order, until the client leaves."""
         engine = self._engine
-        while engine.wal.failure is None:
+        while engine.wal.failure is None or next_seq <= engine.wal.durable_seq:  # after a failure: what is durable
             durable_seq = engine.wal.durable_seq
             if next_seq > durable_seq:
                 await engine.wal.wait_durable_changed()

@@ -6,7 +6,8 @@ Nursery layout (structured concurrency: every task has a parent):
      │  outbox flusher (writes replies that became ready outside a commit)
      └─ service nursery: owner tasks, housekeeping (expiry, id retention, snapshots), listener,
         connections
-Shutdown: stop the service nursery (no new changes), flush the log, write a snapshot, close.
+Shutdown: stop the service nursery (no new changes; a snapshot builder running is stopped), flush
+the log, write a snapshot (on the loop: nothing is served any more), close.
 """
 
 from __future__ import annotations
@@ -92,25 +93,24 @@ async def run_server(
         make_transport = partial(TlsTransport, context=tls_context)
     data_lock = lock_data_folder(config.data_dir)  # one server per folder: DataFolderLocked if taken
     try:
-        storage = LmdbStorage(storage_path(config), config.map_size_bytes)
+        storage = LmdbStorage(storage_path(config), config.map_size_bytes, map_size_max_bytes=config.map_size_max_bytes)
     except BaseException:
         data_lock.release()
         raise
     try:
         recovery_started = time.monotonic()
         state, replayed = await trio.to_thread.run_sync(_recover_without_cyclic_gc, storage)
+        await trio.to_thread.run_sync(storage.prune_snapshots, config.snapshots_kept)  # and what killed builders left
         recovery_seconds = time.monotonic() - recovery_started
         _tune_interpreter()
         outbox = Outbox()
-        wal = WriteAheadLog(storage, config.records_per_commit_max, config.snapshots_kept, outbox)
+        wal = WriteAheadLog(storage, config.records_per_commit_max, outbox)
         async with trio.open_nursery() as log_nursery:
             log_nursery.start_soon(wal.run)
             log_nursery.start_soon(outbox.run_flusher)
             async with trio.open_nursery() as service_nursery:
                 owners = Owners(service_nursery, config.owner_tasks, config.mailbox_messages_max)
                 engine = Engine(config, state, storage, wal, owners, outbox, clock_ms)
-                latest = storage.snapshot_seqs()
-                engine.last_snapshot_seq = latest[-1] if latest else 0
                 service_nursery.start_soon(engine.run_housekeeping)
                 listener = open_listener(config.host, config.port)
                 port = listener.getsockname()[1]
@@ -134,7 +134,10 @@ async def run_server(
                 service_nursery.cancel_scope.cancel()
             await wal.flush()
             if wal.failure is None and state.seq > engine.last_snapshot_seq:
-                await engine.snapshot()
+                try:
+                    await engine.snapshot(on_loop=True)  # nothing is served now: no builder needed
+                except RuntimeError as error:
+                    log.error("final snapshot failed (the log has everything): %s", error)
             log.info("stopped at seq %d (durable %d)", state.seq, wal.durable_seq)
             log_nursery.cancel_scope.cancel()
     finally:

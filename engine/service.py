@@ -43,6 +43,7 @@ from .expiry import ExpiryScheduler
 from .metrics import OVERLOADED_OWNER_MAILBOX, OVERLOADED_WAL_BACKLOG, Histogram, RequestLatency
 from .outbox import Outbox
 from .owners import Owners
+from .snapshotter import Snapshotter
 from .storage import LmdbStorage
 from .wal import WriteAheadLog
 
@@ -105,7 +106,7 @@ class Engine:
         # it); `shortage_count` re-checks and prunes them, so it never scans every SKU-location.
         self.shortage_candidates: set[StockKey] = {key for key, stock in state.stocks.items() if stock.available < 0}
         self.started_at_ms = clock_ms()
-        self.last_snapshot_seq = 0
+        self.snapshots = Snapshotter(config, state, storage, wal, clock_ms)
         self.last_snapshot_monotonic: float | None = None  # when this process last wrote one
         self.snapshot_seconds = Histogram(SNAPSHOT_SECONDS_BUCKETS)
         for reservation in map(Reservation.from_record, state.reservations.values()):
@@ -117,7 +118,7 @@ class Engine:
     def submit(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
         """Route one validated core command. `reply_to` is called once, now or later."""
         kind = type(command)
-        if self.wal.failure is not None:
+        if self.wal.failure is not None and kind not in _READS:
             self.errors[(kind, codes.INTERNAL)] += 1
             reply_to(error_reply(request_id, codes.INTERNAL, self.wal.failure))
             return
@@ -182,8 +183,11 @@ class Engine:
     # -- deciding ----------------------------------------------------------------------------
 
     def _decide(self, request_id: int | None, command: Any, reply_to: ReplySink) -> None:
-        """Apply one command through the core, log its events, and hand back the reply."""
-        if self.wal.failure is not None:
+        """Apply one command through the core, log its events, and hand back the reply.
+
+        Once the log has stopped (`wal.failure`), only reads are decided: the outbox answers
+        each that reflects durable changes only, and turns any other into `internal`."""
+        if self.wal.failure is not None and type(command) not in _READS:
             self.errors[(type(command), codes.INTERNAL)] += 1
             reply_to(error_reply(request_id, codes.INTERNAL, self.wal.failure))
             return
@@ -347,18 +351,20 @@ class Engine:
 
     # -- housekeeping ------------------------------------------------------------------------
 
-    async def snapshot(self) -> int:
-        """Write a snapshot of the whole state; return the seq it covers (durable on return)."""
+    async def snapshot(self, *, on_loop: bool = False) -> int:
+        """Write a snapshot covering every change applied so far; return the seq it covers
+        (durable on return). Built off the event loop unless `on_loop` (see `Snapshotter`)."""
         started = time.monotonic()
-        snapshot = self.state.to_snapshot()
-        await self.wal.save_snapshot(snapshot)
-        self.last_snapshot_seq = snapshot["seq"]
-        self.last_snapshot_monotonic = time.monotonic()
-        self.snapshot_seconds.observe(self.last_snapshot_monotonic - started)
-        cutoff_ms = self.clock_ms() - self.config.log_retention_ms
-        await trio.to_thread.run_sync(self.storage.trim, snapshot["seq"], cutoff_ms, 100_000)
-        log.info("snapshot at seq %d", snapshot["seq"])
-        return snapshot["seq"]
+        builds = self.snapshots.builds
+        seq = await self.snapshots.take(on_loop=on_loop)
+        if self.snapshots.builds > builds:  # not one that another request's snapshot covered
+            self.last_snapshot_monotonic = time.monotonic()
+            self.snapshot_seconds.observe(self.last_snapshot_monotonic - started)
+        return seq
+
+    @property
+    def last_snapshot_seq(self) -> int:
+        return self.snapshots.last_seq
 
     def forget_old_ids(self) -> None:
         """Drop idempotency memory older than the retention (logged, so replay agrees)."""
@@ -405,6 +411,7 @@ class Engine:
             "rids_in_flight": len(self._pending_rids),
             "expiry_timers": len(self.expiry),
             "last_snapshot_seq": self.last_snapshot_seq,
+            "snapshots": self.snapshots.stats(),
             "requests": self._requests_by_kind_name(),
             "errors": self._errors_by_code(),
             "wal": self.wal.stats(),
@@ -441,3 +448,6 @@ _SCHEDULES_EXPIRY = (RESERVED, EXTENDED)
 _MAY_LOWER_AVAILABLE = frozenset({ADJUSTED, COUNTED, ADJUSTED_BATCH, COUNTED_BATCH, TRANSFERRED})
 
 SNAPSHOT_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Still answered after the log stopped: they change nothing, and their replies wait for their
+# seq like any other (so one that reflects a change that never became durable is refused).
+_READS = frozenset((Get, Query, Lookup))

@@ -14,15 +14,23 @@ wrote, still reads.)
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
-from contextlib import closing
-from typing import Any, Iterator
+import threading
+from contextlib import closing, contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import lmdb
 import msgpack
 
 from .core import Event, check_event
+from .snapshot_files import SnapshotFileDamaged, SnapshotFiles
+
+log = logging.getLogger("engine.storage")
+
+T = TypeVar("T")
+MIB = 1024**2
 
 _SEQ = struct.Struct(">Q")  # big-endian so LMDB's byte order is seq order
 
@@ -76,22 +84,96 @@ class StorageError(Exception):
     """The log could not be written; nothing in the failed batch is durable."""
 
 
+class MapFullAtCeiling(StorageError):
+    """The LMDB map is full and has reached its configured ceiling: it may not grow further."""
+
+
+class _TransactionGate:
+    """Lets any number of transactions run at once (`shared`), or the map be resized with none
+    open (`exclusive`): LMDB's `mdb_env_set_mapsize` may only be called while no transaction
+    of this process is active. Writer-preferring: once a resize waits, new transactions wait
+    for it, so a stream of short reads (watchers) cannot starve it. Transactions are short
+    (one commit, one read batch); none waits for another while it is open."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._open = 0
+        self._resizing = False
+        self._resizes_waiting = 0
+        self._held = threading.local()  # shared holds of the current thread (re-entrant)
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        nested = getattr(self._held, "count", 0)
+        with self._condition:
+            # A thread that holds the gate already goes on: waiting for a resize that waits
+            # for this very thread would never end.
+            while not nested and (self._resizing or self._resizes_waiting):
+                self._condition.wait()
+            assert not self._resizing, "a transaction inside a resize"
+            self._open += 1
+        self._held.count = nested + 1
+        try:
+            yield
+        finally:
+            self._held.count = nested
+            with self._condition:
+                self._open -= 1
+                assert self._open >= 0
+                if self._open == 0:
+                    self._condition.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._condition:
+            self._resizes_waiting += 1
+            while self._open or self._resizing:
+                self._condition.wait()
+            self._resizes_waiting -= 1
+            self._resizing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._resizing = False
+                self._condition.notify_all()
+
+
 class LmdbStorage:
     """One LMDB environment in `path` with two databases: `log` (first seq of a group commit ->
-    its events) and `snapshots` (seq -> full state)."""
+    its events) and `snapshots` (seq -> full state, as earlier versions wrote them), and the
+    snapshot files in `path/snapshots` (`snapshot_files`), where snapshots are written now.
 
-    def __init__(self, path: str, map_size_bytes: int, *, read_only: bool = False):
+    The map grows: a write that finds it full doubles it (up to `map_size_max_bytes`) and is
+    retried, in the same call, so the caller sees one durable write or a `StorageError`."""
+
+    def __init__(self, path: str, map_size_bytes: int, *, read_only: bool = False, map_size_max_bytes: int | None = None):
         """Open (creating it unless `read_only`) the environment in `path`.
+
+        The map starts at `map_size_bytes` (or at the size of the data file, when larger) and
+        grows up to `map_size_max_bytes` (default: it does not grow).
 
         `read_only` is for tools reading a folder, possibly while its server runs (LMDB allows
         readers in other processes): it needs an existing environment, and takes the map size
-        the environment has (`map_size_bytes` is ignored), so it never resizes the writer's map."""
+        the environment has (`map_size_bytes` is ignored), so it never resizes the writer's map;
+        when the writer's map has grown past it, it adopts the new size and reads again."""
+        data_path = os.path.join(path, "data.mdb")
         if read_only:
-            if not os.path.isfile(os.path.join(path, "data.mdb")):
+            if not os.path.isfile(data_path):
                 raise FileNotFoundError(f"no LMDB environment in {path}")
         else:
             os.makedirs(path, exist_ok=True)
+            # Start at least at what the data file holds: a restart with a small initial size
+            # would otherwise begin with a full map (LMDB opens at the size of the data).
+            if os.path.isfile(data_path):
+                map_size_bytes = max(map_size_bytes, os.path.getsize(data_path))
         self.path = path
+        self.read_only = read_only
+        self.map_size_max_bytes = max(map_size_bytes, map_size_max_bytes or 0)
+        self.map_growths = 0
+        self.map_full_at_ceiling = False
+        self._gate = _TransactionGate()
+        self._files = SnapshotFiles(os.path.join(path, "snapshots"))
         self._env = lmdb.open(
             path,
             map_size=0 if read_only else map_size_bytes,  # 0: the size the environment was made with
@@ -122,17 +204,82 @@ class LmdbStorage:
         """The seq of the last record appended (0 for an empty log)."""
         return self._last_seq
 
+    # -- transactions and the map's growth ---------------------------------------------------
+
+    @contextmanager
+    def _reading(self, db: Any) -> Iterator[Any]:
+        """A read transaction on `db`. In a read-only process whose writer grew the map beyond
+        ours, LMDB refuses to begin one (MapResizedError): adopt the new size, begin again."""
+        with self._gate.shared():
+            try:
+                txn = self._env.begin(db=db)
+            except lmdb.MapResizedError:
+                txn = None
+            if txn is not None:
+                with txn:
+                    yield txn
+                return
+        self._adopt_grown_map()
+        with self._gate.shared(), self._env.begin(db=db) as txn:
+            yield txn
+
+    def _adopt_grown_map(self) -> None:
+        with self._gate.exclusive():
+            self._env.set_mapsize(0)  # 0: adopt the size the writer set (LMDB's documented way)
+
+    def _write(self, db: Any, body: Callable[[Any], T]) -> T:
+        """Run `body(txn)` in one durable write transaction on `db`. A full map is grown (see
+        `_grow_map`) and `body` run again in a new transaction: the aborted one left nothing,
+        so what `body` writes is written exactly once. `MapFullAtCeiling` when it may not grow."""
+        while True:
+            try:
+                with self._gate.shared(), self._env.begin(write=True, db=db) as txn:
+                    return body(txn)
+            except lmdb.MapFullError as error:
+                self._grow_map(error)
+
+    def _grow_map(self, error: lmdb.MapFullError) -> None:
+        """Double the map, up to `map_size_max_bytes`, with no transaction of this process open
+        (LMDB's rule for `mdb_env_set_mapsize`)."""
+        with self._gate.exclusive():
+            size_bytes = self._env.info()["map_size"]
+            if size_bytes >= self.map_size_max_bytes:
+                self.map_full_at_ceiling = True
+                raise MapFullAtCeiling(
+                    f"LMDB map is full at its ceiling of {self.map_size_max_bytes // MIB} MiB ({type(error).__name__}); "
+                    f"raise --map-size-max-mb and restart"
+                ) from error
+            grown_bytes = min(size_bytes * MAP_GROWTH_FACTOR, self.map_size_max_bytes)
+            self._env.set_mapsize(grown_bytes)
+            self.map_growths += 1
+        log.warning(
+            "LMDB map full at %d MiB: grown to %d MiB (ceiling %d MiB, growth %d)",
+            size_bytes // MIB, grown_bytes // MIB, self.map_size_max_bytes // MIB, self.map_growths,
+        )
+
+    def map_stats(self) -> dict[str, Any]:
+        """The map's figures for stats and metrics: its size, growths, and whether it is full
+        at its ceiling."""
+        return {
+            "map_size_bytes": self._env.info()["map_size"],
+            "map_size_max_bytes": self.map_size_max_bytes,
+            "map_growths": self.map_growths,
+            "map_full_at_ceiling": self.map_full_at_ceiling,
+        }
+
+    # -- the log -------------------------------------------------------------------------------
+
     def _read_last_seq(self) -> int:
-        with self._env.begin(db=self._log) as txn:
+        with self._reading(self._log) as txn:
             cursor = txn.cursor()
             if cursor.last():
                 return _entry_events(cursor.value())[-1]["seq"]
-        latest = self.latest_snapshot()
-        return latest["seq"] if latest else 0
+        seqs = self.snapshot_seqs()
+        return seqs[-1] if seqs else 0
 
     def first_seq(self) -> int | None:
         """The oldest retained log record's seq, or None when the log is empty."""
-        with self._env.begin(db=self._log) as txn:
+        with self._reading(self._log) as txn:
             cursor = txn.cursor()
             if cursor.first():
                 return _SEQ.unpack(cursor.key())[0]
@@ -157,11 +304,16 @@ class LmdbStorage:
         for events in entries:
             encoded.append((events[0]["seq"], _encode_checked_entry(events, last_seq)))
             last_seq = events[-1]["seq"]
+
+        def put_all(txn: Any) -> None:
+            for first_seq, data in encoded:
+                if not txn.put(_key(first_seq), data, append=True):
+                    raise StorageError(f"log entry {first_seq} exists already")
+
         try:
-            with self._env.begin(write=True, db=self._log) as txn:
-                for first_seq, data in encoded:
-                    if not txn.put(_key(first_seq), data, append=True):
-                        raise StorageError(f"log entry {first_seq} exists already")
+            self._write(self._log, put_all)
+        except MapFullAtCeiling:
+            raise
         except lmdb.Error as error:
             raise StorageError(f"write-ahead log copy failed: {type(error).__name__}: {error}") from error
         self._last_seq = last_seq
@@ -174,12 +326,19 @@ class LmdbStorage:
         self._last_seq = seq
 
     def append_entry(self, first_seq: int, last_seq: int, data: bytes) -> int:
-        """Write one entry made by `encode_entry` in one durable transaction."""
+        """Write one entry made by `encode_entry` in one durable transaction (growing the map
+        when it is full: see `_write`)."""
         assert first_seq == self._last_seq + 1 and last_seq >= first_seq, f"entry {first_seq}..{last_seq} after {self._last_seq}"
+        key = _key(first_seq)
+
+        def put(txn: Any) -> None:
+            if not txn.put(key, data, append=True):
+                raise StorageError(f"log entry {first_seq} exists already")
+
         try:
-            with self._env.begin(write=True, db=self._log) as txn:
-                if not txn.put(_key(first_seq), data, append=True):
-                    raise StorageError(f"log entry {first_seq} exists already")
+            self._write(self._log, put)
+        except MapFullAtCeiling:
+            raise
         except lmdb.Error as error:
             raise StorageError(f"write-ahead log commit failed: {type(error).__name__}: {error}") from error
         self._last_seq = last_seq
@@ -204,7 +363,7 @@ class LmdbStorage:
         read back. Every entry is unpacked once, in one read transaction, as late as the
         caller asks for it: recovery iterates the whole log this way."""
         from_seq = max(from_seq, 1)
-        with self._env.begin(db=self._log) as txn:
+        with self._reading(self._log) as txn:
             cursor = txn.cursor()
             # The entry holding `from_seq` starts at or before it.
             if not cursor.set_range(_key(from_seq)):
@@ -223,75 +382,142 @@ class LmdbStorage:
                             continue
                 yield events
 
-    def save_snapshot(self, snapshot: dict[str, Any], keep: int = 2) -> None:
-        """Store a full-state snapshot under its seq and drop all but the newest `keep`."""
-        seq = snapshot["seq"]
-        assert seq <= self._last_seq, f"snapshot at {seq} is ahead of the log ({self._last_seq})"
-        data = _pack(snapshot)
-        try:
-            with self._env.begin(write=True, db=self._snapshots) as txn:
-                txn.put(_key(seq), data)
-                cursor = txn.cursor()
-                seqs = [key for key, _ in cursor]
-                for key in seqs[: max(0, len(seqs) - keep)]:
-                    txn.delete(key)
-        except lmdb.Error as error:
-            raise StorageError(f"snapshot write failed: {type(error).__name__}: {error}") from error
-
-    def latest_snapshot(self) -> dict[str, Any] | None:
-        with self._env.begin(db=self._snapshots) as txn:
-            cursor = txn.cursor()
-            if not cursor.last():
-                return None
-            seq = _SEQ.unpack(cursor.key())[0]
-            snapshot = _unpack(cursor.value())
-        assert snapshot["seq"] == seq, f"snapshot under key {seq} covers seq {snapshot['seq']}"
-        return snapshot
-
-    def snapshot_at(self, seq: int) -> dict[str, Any] | None:
-        """The snapshot stored under `seq`, or None."""
-        with self._env.begin(db=self._snapshots) as txn:
-            data = txn.get(_key(seq))
-        return None if data is None else _unpack(data)
-
-    def snapshot_sizes(self) -> list[tuple[int, int]]:
-        """`(seq, packed size in bytes)` of every stored snapshot, oldest first."""
-        with self._env.begin(db=self._snapshots) as txn:
-            return [(_SEQ.unpack(key)[0], len(value)) for key, value in txn.cursor()]
-
-    def snapshot_seqs(self) -> list[int]:
-        with self._env.begin(db=self._snapshots) as txn:
-            return [_SEQ.unpack(key)[0] for key in txn.cursor().iternext(keys=True, values=False)]
-
     def trim(self, through_seq: int, before_ts_ms: int, limit: int) -> int:
         """Delete up to `limit` oldest records with seq <= through_seq and ts_ms < before_ts_ms.
         Callers pass a snapshot's seq, so replay never needs what is deleted. An entry that is
         only partly old is rewritten with the records it keeps."""
-        deleted = 0
+
+        def delete_oldest(txn: Any) -> int:
+            deleted = 0
+            cursor = txn.cursor()
+            while deleted < limit and cursor.first():
+                events = _entry_events(cursor.value())
+                keep = 0
+                while keep < len(events) and deleted < limit:
+                    event = events[keep]
+                    if event["seq"] > through_seq or event["ts_ms"] >= before_ts_ms:
+                        break
+                    keep += 1
+                    deleted += 1
+                if keep == 0:
+                    break
+                cursor.delete()
+                if keep < len(events):
+                    rest = events[keep:]
+                    txn.put(_key(rest[0]["seq"]), _pack(rest))
+                    break
+            return deleted
+
         try:
-            with self._env.begin(write=True, db=self._log) as txn:
-                cursor = txn.cursor()
-                while deleted < limit and cursor.first():
-                    events = _entry_events(cursor.value())
-                    keep = 0
-                    while keep < len(events) and deleted < limit:
-                        event = events[keep]
-                        if event["seq"] > through_seq or event["ts_ms"] >= before_ts_ms:
-                            break
-                        keep += 1
-                        deleted += 1
-                    if keep == 0:
-                        break
-                    cursor.delete()
-                    if keep < len(events):
-                        rest = events[keep:]
-                        txn.put(_key(rest[0]["seq"]), _pack(rest))
-                        break
+            return self._write(self._log, delete_oldest)
+        except MapFullAtCeiling:
+            raise
         except lmdb.Error as error:
             raise StorageError(f"log trim failed: {type(error).__name__}: {error}") from error
-        return deleted
+
+    # -- snapshots -------------------------------------------------------------------------------
+    # Written as files (`snapshot_files`): a large snapshot in the LMDB environment would hold
+    # LMDB's single writer lock, and so every log commit, for the whole of its write. Snapshots
+    # that earlier versions stored in the `snapshots` database are still read, listed and pruned.
+
+    def save_snapshot(self, snapshot: dict[str, Any], keep: int = 2) -> None:
+        """Store a full-state snapshot (durably: see `SnapshotFiles.write`) and drop all but the
+        newest `keep`."""
+        seq = snapshot["seq"]
+        assert seq <= self._last_seq, f"snapshot at {seq} is ahead of the log ({self._last_seq})"
+        try:
+            self._files.write(snapshot)
+        except OSError as error:
+            raise StorageError(f"snapshot write failed: {type(error).__name__}: {error}") from error
+        self.prune_snapshots(keep)
+
+    def write_snapshot_file(self, snapshot: dict[str, Any]) -> int:
+        """Write `snapshot` as a file, durably, without pruning: for a builder process, which
+        may not write the environment. Returns its size in bytes."""
+        assert snapshot["seq"] <= self._last_seq, f"snapshot at {snapshot['seq']} is ahead of the log ({self._last_seq})"
+        return self._files.write(snapshot)
+
+    def prune_snapshots(self, keep: int) -> list[int]:
+        """Drop all snapshots but the newest `keep` (files and stored ones), and the partial
+        files a killed writer left. Returns the seqs kept, oldest first."""
+        assert keep >= 1
+        self._files.remove_partial()
+        seqs = self.snapshot_seqs()
+        dropped, kept = seqs[: max(0, len(seqs) - keep)], seqs[max(0, len(seqs) - keep) :]
+        stored = set(self._stored_snapshot_seqs())
+        for seq in dropped:
+            self._files.remove(seq)
+        stored_dropped = [seq for seq in dropped if seq in stored]
+        if stored_dropped:
+
+            def delete(txn: Any) -> None:
+                for seq in stored_dropped:
+                    txn.delete(_key(seq))
+
+            try:
+                self._write(self._snapshots, delete)
+            except lmdb.Error as error:
+                raise StorageError(f"snapshot prune failed: {type(error).__name__}: {error}") from error
+        return kept
+
+    def latest_snapshot(self) -> dict[str, Any] | None:
+        """The newest snapshot that reads back whole; a damaged file is skipped (logged) for
+        the one before it."""
+        for seq in reversed(self.snapshot_seqs()):
+            try:
+                snapshot = self.snapshot_at(seq)
+            except SnapshotFileDamaged as damaged:
+                log.warning("skipping a damaged snapshot: %s", damaged)
+                continue
+            if snapshot is not None:
+                return snapshot
+        return None
+
+    def latest_snapshot_through(self, seq: int) -> dict[str, Any] | None:
+        """The newest whole snapshot at or before `seq` (a builder's base), or None."""
+        for candidate in reversed([s for s in self.snapshot_seqs() if s <= seq]):
+            try:
+                snapshot = self.snapshot_at(candidate)
+            except SnapshotFileDamaged as damaged:
+                log.warning("skipping a damaged snapshot: %s", damaged)
+                continue
+            if snapshot is not None:
+                return snapshot
+        return None
+
+    def snapshot_at(self, seq: int) -> dict[str, Any] | None:
+        """The snapshot at `seq` (a file, else one stored in the environment), or None.
+        `SnapshotFileDamaged` when its file does not read back whole."""
+        snapshot = self._files.read(seq)
+        if snapshot is None:
+            with self._reading(self._snapshots) as txn:
+                data = txn.get(_key(seq))
+            snapshot = None if data is None else _unpack(data)
+        if snapshot is not None:
+            assert snapshot["seq"] == seq, f"snapshot under {seq} covers seq {snapshot['seq']}"
+        return snapshot
+
+    def snapshot_sizes(self) -> list[tuple[int, int]]:
+        """`(seq, packed size in bytes)` of every snapshot, oldest first."""
+        with self._reading(self._snapshots) as txn:
+            sizes = dict((_SEQ.unpack(key)[0], len(value)) for key, value in txn.cursor())
+        sizes.update(self._files.sizes())
+        return sorted(sizes.items())
+
+    def snapshot_seqs(self) -> list[int]:
+        """The seqs of every snapshot (files and stored ones), oldest first."""
+        return sorted(set(self._stored_snapshot_seqs()) | set(self._files.seqs()))
+
+    def _stored_snapshot_seqs(self) -> list[int]:
+        with self._reading(self._snapshots) as txn:
+            return [_SEQ.unpack(key)[0] for key in txn.cursor().iternext(keys=True, values=False)]
 
     def stats(self) -> dict[str, int]:
-        info = self._env.info()
         stat = self._env.stat()
-        return {"map_size_bytes": info["map_size"], "last_seq": self._last_seq, "page_size": stat["psize"]}
+        return {"map_size_bytes": self._env.info()["map_size"], "last_seq": self._last_seq, "page_size": stat["psize"]}
+
+
+# Each growth doubles the map: a few growths cover any size (1 GiB to 256 GiB in 8), and each
+# costs a moment with no transaction open, not a copy (LMDB maps the file; the map is address
+# space, and the file grows only as pages are written).
+MAP_GROWTH_FACTOR = 2

@@ -80,7 +80,7 @@ class CommitRunner(Protocol):
 
 class WriteAheadLog:
     def __init__(
-        self, storage: LmdbStorage, records_per_commit_max: int, snapshots_kept: int, outbox: Outbox,
+        self, storage: LmdbStorage, records_per_commit_max: int, outbox: Outbox,
         commit_runner: Callable[[], CommitRunner] = _CommitThread,
     ):
         """`commit_runner` makes the `CommitRunner` when the writer starts (in its trio run)."""
@@ -88,10 +88,7 @@ class WriteAheadLog:
         self._new_commit_runner = commit_runner
         self._storage = storage
         self._records_per_commit_max = records_per_commit_max
-        self._snapshots_kept = snapshots_kept
         self._queue: deque[Event] = deque()
-        # Each request: [snapshot, done event, error message or None].
-        self._snapshot_requests: list[list[Any]] = []
         self._work = trio.Event()
         self._durable_changed = trio.Event()
         self._outbox = outbox
@@ -128,16 +125,6 @@ class WriteAheadLog:
         while self.durable_seq < seq and self.failure is None:
             await self._durable_changed.wait()
 
-    async def save_snapshot(self, snapshot: dict[str, Any]) -> None:
-        """Write `snapshot` once every record it covers is durable; return when it is stored."""
-        request: list[Any] = [snapshot, trio.Event(), None]
-        self._snapshot_requests.append(request)
-        self._work.set()
-        await request[1].wait()
-        error = self.failure or request[2]
-        if error is not None:
-            raise RuntimeError(error)
-
     def _broadcast(self) -> None:
         """Hand out what became durable (or that nothing more will): replies first, then wake
         whoever waits for the log (watchers, flush, snapshots)."""
@@ -160,16 +147,9 @@ class WriteAheadLog:
         while True:
             await self._work.wait()
             self._work = trio.Event()
-            while self.failure is None and (self._queue or self._snapshot_requests):
-                # A snapshot goes out as soon as the records it covers are durable, even while
-                # newer records keep arriving (under steady load the queue is never empty).
-                if self._snapshot_requests and self._snapshot_requests[0][0]["seq"] <= self.durable_seq:
-                    await self._write_snapshot(self._snapshot_requests.pop(0))
-                else:
-                    assert self._queue, "a snapshot waits for records that were never appended"
-                    await self._commit_batch()
+            while self.failure is None and self._queue:
+                await self._commit_batch()
             if self.failure is not None:
-                self._fail_snapshots()
                 self._broadcast()
                 return
 
@@ -194,21 +174,6 @@ class WriteAheadLog:
         self.durable_seq = batch[-1]["seq"]
         self._broadcast()
 
-    async def _write_snapshot(self, request: list[Any]) -> None:
-        snapshot, done = request[0], request[1]
-        try:
-            await trio.to_thread.run_sync(self._storage.save_snapshot, snapshot, self._snapshots_kept)
-        except Exception as error:
-            # A failed snapshot loses nothing (the log has it all): report, keep serving.
-            log.error("snapshot at seq %d failed: %s", snapshot["seq"], error)
-            request[2] = f"snapshot at seq {snapshot['seq']} failed: {error}"
-        done.set()
-
-    def _fail_snapshots(self) -> None:
-        for request in self._snapshot_requests:
-            request[1].set()
-        self._snapshot_requests.clear()
-
     async def flush(self) -> None:
         """Wait until everything appended so far is durable (or the log failed)."""
         await self.wait_durable(self.appended_seq)
@@ -223,4 +188,6 @@ class WriteAheadLog:
             "commit_seconds_total": round(self.commit_seconds_total, 6),
             "commit_records_max": self.commit_records_max,
             "failure": self.failure,
+            # map_size_bytes, map_size_max_bytes, map_growths, map_full_at_ceiling
+            **self._storage.map_stats(),
         }

@@ -189,7 +189,7 @@ async def test_restart_from_snapshot_plus_log_has_exactly_the_same_state(start_s
 
 
 async def _stop_without_snapshot(running: RunningServer) -> None:
-    running.engine.last_snapshot_seq = running.engine.state.seq  # nothing new to snapshot
+    running.engine.snapshots.last_seq = running.engine.state.seq  # nothing new to snapshot
     await running.aclose()
 
 

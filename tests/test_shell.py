@@ -24,6 +24,7 @@ import msgpack
 import pytest
 
 from engine.shell.script import split_commands
+from engine.snapshot_files import SnapshotFiles
 from protocol import Client
 
 import conftest
@@ -211,19 +212,13 @@ def test_verify_passes_on_good_data_and_names_each_difference_in_a_corrupted_cop
 
 
 def _corrupt_latest_snapshot(lmdb_path: Path) -> tuple[str, str, int]:
-    """Add 7 to the on_hand of the first stock in the latest snapshot; return its old figure."""
-    env = lmdb.open(str(lmdb_path), max_dbs=4, map_size=0, subdir=True)
-    try:
-        snapshots = env.open_db(b"snapshots", create=False)
-        with env.begin(write=True, db=snapshots) as txn:
-            cursor = txn.cursor()
-            assert cursor.last()
-            snapshot = msgpack.unpackb(cursor.value(), raw=False, strict_map_key=False)
-            sku, loc, on_hand, reserved, last_seq = snapshot["stocks"][0]
-            snapshot["stocks"][0] = [sku, loc, on_hand + 7, reserved, last_seq]
-            txn.put(cursor.key(), msgpack.packb(snapshot, use_bin_type=True))
-    finally:
-        env.close()
+    """Add 7 to the on_hand of the first stock in the latest snapshot (a file, rewritten with a
+    valid checksum: a figure that is wrong, not a damaged file); return its old figure."""
+    files = SnapshotFiles(str(lmdb_path / "snapshots"))
+    snapshot = files.read(files.seqs()[-1])
+    sku, loc, on_hand, reserved, last_seq = snapshot["stocks"][0]
+    snapshot["stocks"][0] = [sku, loc, on_hand + 7, reserved, last_seq]
+    files.write(snapshot)
     return sku, loc, on_hand
 
 

@@ -209,7 +209,7 @@ class Simulation:
             self.violation(f"recovery from the snapshot at seq {storage.latest_snapshot()['seq']} differs from a replay from empty")
         outbox = Outbox()
         wal = WriteAheadLog(
-            storage, config.records_per_commit_max, config.snapshots_kept, outbox,
+            storage, config.records_per_commit_max, outbox,
             commit_runner=partial(SimulatedCommitRunner, self._commit_chooser),
         )
         async with trio.open_nursery() as log_nursery:

@@ -118,5 +118,9 @@ class MemoryStorage:
     def trim(self, through_seq: int, before_ts_ms: int, limit: int) -> int:
         return 0  # the simulation keeps the whole log: its checks replay it from seq 1
 
+    def map_stats(self) -> dict[str, Any]:
+        """No map here: the figures of one that never fills."""
+        return {"map_size_bytes": 0, "map_size_max_bytes": 0, "map_growths": 0, "map_full_at_ceiling": False}
+
     def stats(self) -> dict[str, int]:
         return {"map_size_bytes": 0, "last_seq": self._disk.last_seq, "page_size": 0}
