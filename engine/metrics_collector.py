@@ -145,6 +145,19 @@ class EngineCollector:
             time.monotonic() - snapshot_at,
         )
         yield _histogram("engine_snapshot_duration_seconds", "Time to build and store one snapshot.", engine.snapshot_seconds)
+        snapshots = engine.snapshots
+        yield _counter("engine_snapshot_builds", "Snapshots built (by the builder process, or on the loop).", snapshots.builds)
+        yield _counter("engine_snapshot_failures", "Snapshot builds that failed (nothing is lost: the log has it all).", snapshots.failures)
+        yield _gauge("engine_snapshot_builder_running", "1 while a snapshot builder process runs.", 0 if snapshots.builder_pid is None else 1)
+        map_figures = engine.storage.map_stats()
+        yield _gauge("engine_lmdb_map_size_bytes", "Size of the LMDB map now (it grows, doubling, up to its ceiling).", map_figures["map_size_bytes"])
+        yield _gauge("engine_lmdb_map_size_max_bytes", "Ceiling the LMDB map may grow to (--map-size-max-mb).", map_figures["map_size_max_bytes"])
+        yield _counter("engine_lmdb_map_growths", "Times the LMDB map was found full and grown.", map_figures["map_growths"])
+        yield _gauge(
+            "engine_lmdb_map_full_at_ceiling",
+            "1 once the map was full at its ceiling: changes get `internal` until a restart with a higher ceiling.",
+            1 if map_figures["map_full_at_ceiling"] else 0,
+        )
         yield _gauge("engine_recovery_duration_seconds", "Time the start-up recovery took (snapshot load and log replay).", self._recovery_seconds)
         yield _gauge("engine_recovery_replayed_records", "Log records replayed at start-up.", self._replayed_records)
 

@@ -188,6 +188,9 @@ class LmdbStorage:
             lock=True,
             max_readers=256,
         )
+        # Kept here, not read from the environment, so that metrics read it from any thread
+        # without a transaction or the resize gate.
+        self.map_size_bytes: int = self._env.info()["map_size"]
         try:
             self._log = self._env.open_db(b"log", create=not read_only)
             self._snapshots = self._env.open_db(b"snapshots", create=not read_only)
@@ -226,6 +229,7 @@ class LmdbStorage:
     def _adopt_grown_map(self) -> None:
         with self._gate.exclusive():
             self._env.set_mapsize(0)  # 0: adopt the size the writer set (LMDB's documented way)
+            self.map_size_bytes = self._env.info()["map_size"]
 
     def _write(self, db: Any, body: Callable[[Any], T]) -> T:
         """Run `body(txn)` in one durable write transaction on `db`. A full map is grown (see
@@ -251,6 +255,7 @@ class LmdbStorage:
                 ) from error
             grown_bytes = min(size_bytes * MAP_GROWTH_FACTOR, self.map_size_max_bytes)
             self._env.set_mapsize(grown_bytes)
+            self.map_size_bytes = grown_bytes
             self.map_growths += 1
         log.warning(
             "LMDB map full at %d MiB: grown to %d MiB (ceiling %d MiB, growth %d)",
@@ -261,7 +266,7 @@ class LmdbStorage:
         """The map's figures for stats and metrics: its size, growths, and whether it is full
         at its ceiling."""
         return {
-            "map_size_bytes": self._env.info()["map_size"],
+            "map_size_bytes": self.map_size_bytes,
             "map_size_max_bytes": self.map_size_max_bytes,
             "map_growths": self.map_growths,
             "map_full_at_ceiling": self.map_full_at_ceiling,

@@ -95,6 +95,17 @@ async def test_collector_counts_known_traffic(start_server):
             assert value(scraped, "engine_wal_failed") == 0
             assert value(scraped, "engine_owner_tasks") == server.engine.owners.owner_count
             assert ("process_cpu_seconds_total", ()) in scraped
+            storage = server.engine.storage
+            assert value(scraped, "engine_lmdb_map_size_bytes") == storage.map_size_bytes == storage._env.info()["map_size"]
+            assert value(scraped, "engine_lmdb_map_growths_total") == 0
+            assert value(scraped, "engine_lmdb_map_full_at_ceiling") == 0
+            assert value(scraped, "engine_snapshot_builds_total") == 0
+
+            await client.snapshot()
+            after_snapshot = await scrape(server)
+            assert value(after_snapshot, "engine_snapshot_builds_total") == 1
+            assert value(after_snapshot, "engine_last_snapshot_seq") == server.engine.last_snapshot_seq > 0
+            assert value(after_snapshot, "engine_snapshot_duration_seconds_count") == 1
 
             # A count below what is reserved (3 held at S/L) is a shortage until stock arrives.
             await client.count("count-1", "S", "L", 1, "cycle count")
