@@ -29,6 +29,7 @@ import time
 import urllib.request
 
 from bench import cli, systems
+from bench.rotation import measure_in_rotation
 
 RESULTS = cli.RESULTS
 # A periodic snapshot is built on the event loop (seconds, once millions of closed reservations
@@ -101,22 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         running.append(served)
         if options.baseline:
             running.append(systems.start_baseline(options.baseline, ENGINE_ARGS))
-        results: dict[str, dict[str, list[dict]]] = {mode: {system.name: [] for system in running} for mode in modes}
         scraper = Scraper(metrics_url(served), options.scrape_interval)
         scraper.start()
-        run_number = int(time.time()) % 100_000 * 100
-        for round_index in range(options.rounds):
-            for mode in modes:
-                shift = round_index % len(running)  # each system goes first in turn
-                for system in running[shift:] + running[:shift]:
-                    run_number += 1
-                    measurement = cli.measure(args, system, options.workload, mode, None, options.seconds, run_number)
-                    ok = ok and measurement["verification"]["ok"]
-                    results[mode][system.name].append(measurement)
-                    print(f"round {round_index + 1} {mode:>9} {system.name:>15}: {measurement['requests_per_second']:>9,.0f} req/s"
-                          f"  cpu {measurement['server_cpu_us_per_request'] or 0:5.1f} us/req"
-                          f"  p99 {measurement['latency_ms_p99'] or 0:6.2f} ms"
-                          f"  {'ok' if measurement['verification']['ok'] else 'FAILED'}", flush=True)
+        results, ok = measure_in_rotation(
+            args, running, options.workload, modes, options.rounds, options.seconds, int(time.time()) % 100_000 * 100, 15,
+        )
     finally:
         if scraper is not None:
             scraper.stopped.set()

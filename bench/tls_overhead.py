@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from bench import cli, systems
+from bench.rotation import measure_in_rotation
 
 RESULTS = cli.RESULTS
 # As in metrics_overhead: a periodic snapshot landing in one system's run would swamp the figures.
@@ -69,20 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         tls.tls_cafile = ca_file
         tls.tls_library = options.generator_tls
         running.append(tls)
-        results: dict[str, dict[str, list[dict]]] = {mode: {system.name: [] for system in running} for mode in modes}
-        run_number = int(time.time()) % 100_000 * 100
-        for round_index in range(options.rounds):
-            for mode in modes:
-                shift = round_index % len(running)  # each system goes first in turn
-                for system in running[shift:] + running[:shift]:
-                    run_number += 1
-                    measurement = cli.measure(args, system, options.workload, mode, None, options.seconds, run_number)
-                    ok = ok and measurement["verification"]["ok"]
-                    results[mode][system.name].append(measurement)
-                    print(f"round {round_index + 1} {mode:>9} {system.name:>11}: {measurement['requests_per_second']:>9,.0f} req/s"
-                          f"  cpu {measurement['server_cpu_us_per_request'] or 0:5.1f} us/req"
-                          f"  p99 {measurement['latency_ms_p99'] or 0:6.2f} ms"
-                          f"  {'ok' if measurement['verification']['ok'] else 'FAILED'}", flush=True)
+        results, ok = measure_in_rotation(
+            args, running, options.workload, modes, options.rounds, options.seconds, int(time.time()) % 100_000 * 100, 11,
+        )
     finally:
         for system in running:
             system.stop()
