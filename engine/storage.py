@@ -468,21 +468,16 @@ class LmdbStorage:
     def latest_snapshot(self) -> dict[str, Any] | None:
         """The newest snapshot that reads back whole; a damaged file is skipped (logged) for
         the one before it."""
-        for seq in reversed(self.snapshot_seqs()):
-            try:
-                snapshot = self.snapshot_at(seq)
-            except SnapshotFileDamaged as damaged:
-                log.warning("skipping a damaged snapshot: %s", damaged)
-                continue
-            if snapshot is not None:
-                return snapshot
-        return None
+        return self._newest_whole_snapshot(self.snapshot_seqs())
 
     def latest_snapshot_through(self, seq: int) -> dict[str, Any] | None:
         """The newest whole snapshot at or before `seq` (a builder's base), or None."""
-        for candidate in reversed([s for s in self.snapshot_seqs() if s <= seq]):
+        return self._newest_whole_snapshot([candidate for candidate in self.snapshot_seqs() if candidate <= seq])
+
+    def _newest_whole_snapshot(self, seqs: list[int]) -> dict[str, Any] | None:
+        for seq in reversed(seqs):
             try:
-                snapshot = self.snapshot_at(candidate)
+                snapshot = self.snapshot_at(seq)
             except SnapshotFileDamaged as damaged:
                 log.warning("skipping a damaged snapshot: %s", damaged)
                 continue

@@ -24,7 +24,7 @@ import ssl
 
 import trio
 
-from .transport import RECEIVE_BYTES_MAX, ConnectionLost, configure_accepted_socket
+from .transport import RECEIVE_BYTES_MAX, ConnectionLost, configure_accepted_socket, send_through
 
 log = logging.getLogger("engine.tls")
 
@@ -205,12 +205,7 @@ class TlsTransport:
 
     async def send_all(self, data: bytes) -> None:
         """Send everything, waiting while the kernel buffer is full. Raises ConnectionLost."""
-        view = memoryview(data)
-        while view:
-            sent = self.try_send(view)
-            view = view[sent:]
-            if view:
-                await self.wait_writable()
+        await send_through(self, data)
         if self._ciphertext:  # the last record's tail
             try:
                 await self._send_ciphertext()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 import trio
 
@@ -94,12 +94,7 @@ class SocketTransport:
 
     async def send_all(self, data: bytes) -> None:
         """Send everything, waiting while the kernel buffer is full. Raises ConnectionLost."""
-        view = memoryview(data)
-        while view:
-            sent = self.try_send(view)
-            view = view[sent:]
-            if view:
-                await self.wait_writable()
+        await send_through(self, data)
 
     def send_eof(self) -> None:
         try:
@@ -113,6 +108,23 @@ class SocketTransport:
         self.closed = True
         trio.lowlevel.notify_closing(self._socket)  # wake any task waiting on it
         self._socket.close()
+
+
+class _Sending(Protocol):
+    def try_send(self, data: bytes | bytearray | memoryview) -> int: ...
+
+    async def wait_writable(self) -> None: ...
+
+
+async def send_through(transport: _Sending, data: bytes) -> None:
+    """Send all of `data` with `transport.try_send`, waiting for `transport.wait_writable` while
+    the kernel takes nothing more (plain or TLS transports alike). Raises ConnectionLost."""
+    view = memoryview(data)
+    while view:
+        sent = transport.try_send(view)
+        view = view[sent:]
+        if view:
+            await transport.wait_writable()
 
 
 def open_listener(host: str, port: int) -> socket.socket:
