@@ -161,6 +161,20 @@ def _engine_durable_seq(port: int) -> int:
         return int(client.stats()["wal"]["durable_seq"])
 
 
+def _traffic_then_caught_up(traffic: "Traffic", port: int, model: "ReadModel", log: Callable[[], str]) -> int:
+    """Run `traffic` for 1.5 s, let its short-ttl reserves expire, and wait until the read model's
+    offset reaches the engine's durable seq, which is returned."""
+    traffic.start()
+    time.sleep(1.5)
+    traffic.stopping.set()
+    traffic.join(timeout=20)
+    assert traffic.error is None, traffic.error
+    time.sleep(0.3)  # the last short-ttl reserves expire
+    durable_seq = _engine_durable_seq(port)
+    _wait_for(lambda: model.offset() >= durable_seq, CATCH_UP_TIMEOUT_SECONDS, f"offset {durable_seq}", log)
+    return durable_seq
+
+
 def _wait_for(condition: Callable[[], bool], timeout_seconds: float, what: str, log: Callable[[], str]) -> None:
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
@@ -448,14 +462,7 @@ def test_rejected_rows_become_dead_letters_and_retry_dead_letters_replays_them(s
     sync = SyncProcess(tmp_path, engine.port, url, metrics_port)
     traffic = Traffic(engine.port, seed=29)
     try:
-        traffic.start()
-        time.sleep(1.5)
-        traffic.stopping.set()
-        traffic.join(timeout=20)
-        assert traffic.error is None, traffic.error
-        time.sleep(0.3)  # the last short-ttl reserves expire
-        durable_seq = _engine_durable_seq(engine.port)
-        _wait_for(lambda: model.offset() >= durable_seq, CATCH_UP_TIMEOUT_SECONDS, f"offset {durable_seq}", sync.log_text)
+        _traffic_then_caught_up(traffic, engine.port, model, sync.log_text)
         dead_letters = model.dead_letters()
         assert dead_letters > 0
         assert _metric(metrics_port, "engine_sync_dead_letters_total") == dead_letters
@@ -550,14 +557,7 @@ def test_two_syncs_on_one_database_apply_each_event_once(server_process, tmp_pat
     syncs = [SyncProcess(tmp_path, engine.port, url, port) for port in metrics_ports]
     traffic = Traffic(engine.port, seed=41)
     try:
-        traffic.start()
-        time.sleep(1.5)
-        traffic.stopping.set()
-        traffic.join(timeout=20)
-        assert traffic.error is None, traffic.error
-        time.sleep(0.3)  # the last short-ttl reserves expire
-        durable_seq = _engine_durable_seq(engine.port)
-        _wait_for(lambda: model.offset() >= durable_seq, CATCH_UP_TIMEOUT_SECONDS, f"offset {durable_seq}", syncs[0].log_text)
+        durable_seq = _traffic_then_caught_up(traffic, engine.port, model, syncs[0].log_text)
         stock_rows, reservation_rows = _compare_with_engine(engine.port, model, traffic.rids)
         duplicates = sum(_metric(port, "engine_sync_duplicates_total") for port in metrics_ports)
         assert duplicates > 0
