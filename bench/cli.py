@@ -12,7 +12,9 @@ writes bench/results/bench.json and bench/results/bench.png.
 
 Workloads: hot (10 SKU-locations), uniform (10,000), orders (1-5 lines over 1,000),
 mixed (reserve, then commit / release / expire, plus receipts). Modes: pooled (64 connections,
-one request in flight each), pipelined (64 x 16 in flight).
+one request in flight each), pipelined (64 x 16 in flight). Before each paced run, a probe times
+durable one-record LMDB commits (`bench/disk_probe.py`): the disk's own fsync p99 at that moment,
+a floor under any paced p99 (column "fsync p99").
 
 Exit status: 0 when every run verified; 1 on any oversell or mismatch with the acknowledged
 history; 2 on bad arguments.
@@ -29,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report, systems
+from bench import disk_probe, report, systems
 from bench.measure import Load
 from bench.measure import measure as measure_load
 from bench.workloads import WORKLOAD_SYSTEMS, WORKLOADS
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after each system's pooled peak, a paced run at F x that peak (default %(default)s; 0: none)")
     parser.add_argument("--paced-seconds", type=float, default=None,
                         help="measured seconds of a paced run (default: half of --seconds, at least 2)")
+    parser.add_argument("--disk-probe-seconds", type=float, default=1.5,
+                        help="before each paced run, time one-record durable LMDB commits for this long "
+                             "(the disk's own fsync tail, shown next to the paced p99; default %(default)s; 0: none)")
     parser.add_argument("--idle-connections", type=int, default=0,
                         help="measure the engine's pooled and pipelined runs again with N extra idle connections open "
                              "(rows labelled '+N idle'): per-commit work must not grow with open connections")
@@ -174,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                         paced_rates.append(args.rate)
                     for rate in paced_rates:
                         run_number += 1
-                        run_one(args, system, workload_name, "pooled", rate, args.paced_seconds, run_number, output)
+                        disk = disk_probe.probe(args.disk_probe_seconds) if args.disk_probe_seconds > 0 else None
+                        paced = run_one(args, system, workload_name, "pooled", rate, args.paced_seconds, run_number, output)
+                        if paced is not None and disk is not None:
+                            paced["disk_probe"] = disk
         finally:
             system.stop()
     report.add_ratios(output)

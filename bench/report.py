@@ -43,7 +43,7 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def table(output: dict) -> str:
-    header = ("workload", "mode", "system", "req/s", "granted/s", "p50 ms", "p99 ms", "p99.9 ms", "cpu us/req",
+    header = ("workload", "mode", "system", "req/s", "granted/s", "p50 ms", "p99 ms", "p99.9 ms", "fsync p99", "cpu us/req",
               "x echo", "engine/x", "verified")
     rows = [header]
     ordered = sorted(output["measurements"], key=lambda m: (
@@ -69,12 +69,13 @@ def table(output: dict) -> str:
         rows.append((
             m["workload"], m["label"], m["system"], _fmt(m.get("requests_per_second"), 0),
             _fmt(m.get("granted_reserves_per_second"), 0), _fmt(m.get("latency_ms_p50")), _fmt(m.get("latency_ms_p99")),
-            _fmt(m.get("latency_ms_p999")), _fmt(m.get("server_cpu_us_per_request"), 1),
+            _fmt(m.get("latency_ms_p999")), _fmt((m.get("disk_probe") or {}).get("fsync_ms_p99")),
+            _fmt(m.get("server_cpu_us_per_request"), 1),
             _fmt(ratios.get("vs_echo")), _fmt(engine_over), verified,
         ))
     for name, info in output["systems"].items():
         if info["status"] == "missing":
-            rows.append(("*", "*", name, "missing", "", "", "", "", "", "", "", info["reason"][:60]))
+            rows.append(("*", "*", name, "missing", "", "", "", "", "", "", "", "", info["reason"][:60]))
     widths = [max(len(str(row[column])) for row in rows) for column in range(len(header))]
     lines = []
     for number, row in enumerate(rows):
@@ -89,6 +90,7 @@ def table(output: dict) -> str:
         lines.append("echo/engine requests/s (>= 1.5 for a valid run): " + ", ".join(f"{key} {value}" for key, value in ratios.items()))
     lines.append("x echo: requests/s relative to the echo server; engine/x: how many times the engine's requests/s")
     lines.append("paced: latency from each request's scheduled send time; cpu: server utime+stime per request")
+    lines.append("fsync p99: one-record durable LMDB commits timed just before that paced run (bench/disk_probe.py)")
     return "\n".join(lines)
 
 

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot-builder", choices=SNAPSHOT_BUILDERS, default=defaults.snapshot_builder,
         help="build snapshots in a separate process from the log (default) or on the event loop (pauses serving)",
     )
+    serve.add_argument(
+        "--owner-tasks", type=int, default=defaults.owner_tasks,
+        help="owner tasks, each owning a hash partition of the SKU-locations (default %(default)s)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_sync_parser(commands)
     return parser
@@ -78,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         id_retention_ms=int(args.id_retention_hours * HOUR_MS),
         log_retention_ms=int(args.log_retention_days * DAY_MS),
         snapshot_interval_seconds=args.snapshot_interval_seconds,
+        owner_tasks=args.owner_tasks,
         snapshot_builder=args.snapshot_builder,
     )
 

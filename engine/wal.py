@@ -16,6 +16,7 @@ from collections import deque
 from functools import partial
 from typing import Any, Callable, Protocol
 
+import outcome
 import trio
 
 from .core import Event
@@ -24,6 +25,10 @@ from .outbox import Outbox
 from .storage import LmdbStorage
 
 log = logging.getLogger("engine.wal")
+
+
+def _refuse_cancel(_raise_cancel: Any) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
 
 
 class _CommitThread:
@@ -48,20 +53,15 @@ class _CommitThread:
     async def run(self, call: Callable[[], Any]) -> Any:
         """Run `call()` in the thread; return its result or raise its exception. Not
         cancellable: a commit in flight finishes (or fails) before shutdown goes on."""
-        done = trio.Event()
-        outcome: list[Any] = []
+        task = trio.lowlevel.current_task()
 
         def report(result: Any, error: BaseException | None) -> None:
-            outcome.extend((result, error))
-            done.set()
+            trio.lowlevel.reschedule(task, outcome.Value(result) if error is None else outcome.Error(error))
 
         self._jobs.put((call, report))
-        with trio.CancelScope(shield=True):
-            await done.wait()
-        result, error = outcome
-        if error is not None:
-            raise error
-        return result
+        # Parked without a cancel scope or an Event: one reschedule per commit. A cancel is
+        # refused (FAILED) and takes effect at the writer's next checkpoint, after the commit.
+        return await trio.lowlevel.wait_task_rescheduled(_refuse_cancel)
 
     def stop(self) -> None:
         self._jobs.put(None)

@@ -82,3 +82,16 @@ def test_metrics_overhead_runs_both_engines_and_scrapes(tmp_path):
     assert summary["engine"]["requests_per_second_median"] > 0
     assert summary["engine+metrics"]["requests_per_second_median"] > 0
     assert "engine+metrics" in result.stdout and "median of the rounds' ratios" in result.stdout
+
+
+def test_disk_probe_times_durable_commits_in_a_child_process():
+    from bench import disk_probe
+
+    assert disk_probe.summarize([]) == {"commits": 0, "fsync_ms_p50": None, "fsync_ms_p99": None,
+                                        "fsync_ms_p999": None, "fsync_ms_max": None}
+    summary = disk_probe.summarize([float(value) for value in range(1, 101)])
+    assert (summary["commits"], summary["fsync_ms_p50"], summary["fsync_ms_p99"], summary["fsync_ms_max"]) == (100, 51.0, 100.0, 100.0)
+    measured = disk_probe.probe(0.2)
+    assert "error" not in measured, measured
+    assert measured["commits"] >= 1
+    assert 0 < measured["fsync_ms_p50"] <= measured["fsync_ms_p99"] <= measured["fsync_ms_max"]
