@@ -11,7 +11,7 @@ import trio
 
 from .access import InsecureListenRefused
 from .auth import AuthFileError
-from .config import DAY_MS, HOUR_MS, SNAPSHOT_BUILDERS, Config
+from .config import DAY_MS, HOUR_MS, OWNER_TASKS_MAX, SNAPSHOT_BUILDERS, Config
 from .data_lock import DataFolderLocked
 from .server import RunningServer, process_started_monotonic, run_server
 from .tls import TlsConfigError
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.auth is not None and args.token is not None:
             log.error("--auth and --token do not go together: put the token in the auth file (role admin)")
+            return 2
+        if not 1 <= args.owner_tasks <= OWNER_TASKS_MAX:
+            log.error("--owner-tasks must be between 1 and %d", OWNER_TASKS_MAX)
             return 2
         if args.idle_timeout_seconds is not None and args.idle_timeout_seconds <= 0:
             log.error("--idle-timeout-seconds must be positive")

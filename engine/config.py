@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SNAPSHOT_BUILDERS = ("process", "loop")
+OWNER_TASKS_MAX = 1024  # each is a task and a mailbox; more partitions than this buy nothing on one loop
 
 from protocol import DEFAULT_HOST, DEFAULT_PORT, MAX_FRAME_BYTES
 
@@ -55,7 +56,7 @@ class Config:
     # Owner tasks, each owning a hash partition of the SKU-locations. Few enough that each
     # wake-up drains a batch under any spread of keys; more than one so that partitions are
     # ready to move to other processes later.
-    owner_tasks: int = 8
+    owner_tasks: int = 8  # at most OWNER_TASKS_MAX
 
     id_retention_ms: int = DAY_MS  # rid/key remembered at least this long after the end
     forget_interval_seconds: float = 60.0

@@ -5,6 +5,9 @@ framing rules: which failures keep the connection open, which close it, and what
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -12,7 +15,7 @@ import pytest
 import trio
 
 import protocol
-from protocol import ServerError, open_trio_client
+from protocol import Client, ServerError, open_trio_client
 from raw_connection import open_raw
 
 TIMEOUT = 5
@@ -623,3 +626,26 @@ async def test_replies_still_come_after_the_client_half_closes(server):
             await raw.expect_closed()
         async with connect(server) as client:
             assert await figures(client, "a", "b") == (5, 2, 3)
+
+
+@pytest.mark.parametrize("owner_tasks", ["0", "1025"])
+def test_owner_tasks_out_of_bounds_is_refused_at_start(tmp_path, owner_tasks):
+    completed = subprocess.run(
+        [sys.executable, "-m", "engine", "serve", "--port", "0", "--data", str(tmp_path / "data"), "--owner-tasks", owner_tasks],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=30,
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert "--owner-tasks must be between 1 and 1024" in completed.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_one_owner_task_serves_every_sku_location(server_process):
+    process = server_process("--owner-tasks", "1")
+    with Client("127.0.0.1", process.port) as client:
+        for index in range(20):
+            assert client.adjust(f"k{index}", f"SKU-{index}", "DC-1", 5, "receipt")["ok"]
+            assert client.reserve(f"r{index}", [(f"SKU-{index}", "DC-1", 3)])["ok"]
+        assert client.get("SKU-7", "DC-1")["available"] == 2
+        stats = client.stats()
+        assert stats["owners"] == 1 and stats["owner_messages"] >= 40
+    assert process.terminate() == 0
