@@ -5,7 +5,11 @@ certificates made at test time, with the right CA and with a wrong one."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import ssl
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -22,6 +26,8 @@ from protocol import (
     open_trio_client,
     tls_refusal,
 )
+
+from conftest import ROOT
 
 TIMEOUT = 10
 
@@ -102,3 +108,54 @@ async def test_server_name_and_the_words_for_each_refusal(start_server, certific
         assert f"does not verify against --tls-ca {wrong_ca_file}" in await refusal(wrong_ca)
         assert "requires a client certificate" in await refusal(TlsOptions(certificates.ca_file))
     assert tls_refusal(ConnectionRefusedError("refused"), None) is None
+
+
+TOKEN = "tools-token-0123456789"
+
+
+async def run_tool(*argv: str, environment: dict[str, str] | None = None, timeout_seconds: float = 30) -> subprocess.CompletedProcess:
+    """`python ARGV...` from the project's root, to completion, without blocking the in-process server."""
+    with trio.fail_after(timeout_seconds):
+        return await trio.run_process(
+            [sys.executable, *argv], cwd=ROOT, check=False, capture_stdout=True, capture_stderr=True,
+            env={**os.environ, **(environment or {})},
+        )
+
+
+def text(completed: subprocess.CompletedProcess) -> tuple[str, str]:
+    return completed.stdout.decode(), completed.stderr.decode()
+
+
+@pytest.fixture
+async def tls_server(start_server, certificates):
+    """A server that wants TLS with a client certificate, and a token."""
+    return await start_server(**certificates.server_config(client_ca=True), token=TOKEN)
+
+
+async def test_the_shell_runs_online_commands_over_tls(tls_server, certificates, wrong_ca_file, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    address = f"127.0.0.1:{tls_server.port}"
+    client_certificate = ("--tls-cert", certificates.client_cert_file, "--tls-key", certificates.client_key_file)
+    shell = ("-m", "engine", "shell", "--connect", address)
+    finished = await run_tool(*shell, "--tls-ca", certificates.ca_file, *client_certificate, "--token-file", str(token_file),
+                              "--json", "-c", "adjust SKU-1 DC-1 7 --key tls-1; get SKU-1 DC-1")
+    out, err = text(finished)
+    assert finished.returncode == 0, err
+    adjusted, got = (json.loads(line) for line in out.splitlines())
+    assert adjusted["on_hand"] == 7 and got["rows"][0]["available"] == 7
+    # The token from the environment, the name checked against the certificate's other name.
+    from_environment = await run_tool(*shell, "--tls-ca", certificates.ca_file, *client_certificate, "--tls-server-name", "localhost",
+                                      "-c", "get SKU-1 DC-1", environment={TOKEN_ENVIRONMENT_VARIABLE: TOKEN})
+    assert from_environment.returncode == 0, text(from_environment)[1]
+    assert " 7 " in text(from_environment)[0]
+
+    wrong_ca = await run_tool(*shell, "--tls-ca", wrong_ca_file, *client_certificate, "--token-file", str(token_file), "-c", "stats")
+    out, err = text(wrong_ca)
+    assert wrong_ca.returncode == 1 and out == ""
+    assert f"error: stats: cannot connect to {address}: the server's certificate does not verify against --tls-ca {wrong_ca_file}" in err
+    assert "Traceback" not in err
+    no_certificate = await run_tool(*shell, "--tls-ca", certificates.ca_file, "--token-file", str(token_file), "-c", "stats")
+    assert no_certificate.returncode == 1 and "the server requires a client certificate" in text(no_certificate)[1]
+    missing_ca = await run_tool(*shell, "--tls-ca", str(tmp_path / "missing.pem"), "-c", "stats")
+    assert missing_ca.returncode == 2 and "error: cannot use --tls-ca" in text(missing_ca)[1]
