@@ -7,9 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import sqlite3
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -159,3 +162,59 @@ async def test_the_shell_runs_online_commands_over_tls(tls_server, certificates,
     assert no_certificate.returncode == 1 and "the server requires a client certificate" in text(no_certificate)[1]
     missing_ca = await run_tool(*shell, "--tls-ca", str(tmp_path / "missing.pem"), "-c", "stats")
     assert missing_ca.returncode == 2 and "error: cannot use --tls-ca" in text(missing_ca)[1]
+
+
+async def test_the_sync_catches_up_over_tls(tls_server, certificates, wrong_ca_file, tmp_path):
+    client_context = TlsOptions(certificates.ca_file, certificates.client_cert_file, certificates.client_key_file).ssl_context()
+    with trio.fail_after(TIMEOUT):
+        async with open_trio_client(tls_server.host, tls_server.port, ssl_context=client_context) as client:
+            await client.hello(token=TOKEN)
+            await client.adjust("sync-receipt", "SKU-1", "DC-1", 20, "receipt")
+            await client.reserve("sync-order", [("SKU-1", "DC-1", 3)])
+            head_seq = (await client.stats())["wal"]["durable_seq"]
+    database = tmp_path / "sync.db"
+    sync = ("-m", "engine", "sync", "--connect", f"127.0.0.1:{tls_server.port}", "--to", f"sqlite:///{database}",
+            "--batch-window-ms", "10")
+    client_certificate = ("--tls-cert", certificates.client_cert_file, "--tls-key", certificates.client_key_file)
+    log_path = tmp_path / "sync.log"
+    with open(log_path, "wb") as log:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, *sync, "--tls-ca", certificates.ca_file, *client_certificate], cwd=ROOT, stdout=log, stderr=log,
+            env={**os.environ, TOKEN_ENVIRONMENT_VARIABLE: TOKEN},
+        )
+        try:
+            with trio.fail_after(TIMEOUT * 2):
+                while _sqlite_rows(database, "SELECT seq FROM sync_offset") != [(head_seq,)]:
+                    assert process.poll() is None, log_path.read_text()
+                    await trio.sleep(0.1)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(TIMEOUT):
+                returncode = await process.wait()
+    assert returncode == 0, log_path.read_text()
+    assert _sqlite_rows(database, "SELECT sku, loc, on_hand, reserved FROM stock") == [("SKU-1", "DC-1", 20, 3)]
+    assert f"sync 127.0.0.1:{tls_server.port} (TLS) -> " in log_path.read_text()
+
+    # A wrong CA is not retried for ever: the sync stops at once, exit 2, and says why.
+    wrong_ca = await run_tool(*sync, "--tls-ca", wrong_ca_file, *client_certificate, environment={TOKEN_ENVIRONMENT_VARIABLE: TOKEN})
+    err = text(wrong_ca)[1]
+    assert wrong_ca.returncode == 2, err
+    assert (f"the engine at 127.0.0.1:{tls_server.port} refuses the sync's TLS: the server's certificate does not verify"
+            f" against --tls-ca {wrong_ca_file}") in err
+    assert "Traceback" not in err
+    missing_key = await run_tool(*sync, "--tls-ca", certificates.ca_file, "--tls-cert", certificates.client_cert_file,
+                                 "--tls-key", str(tmp_path / "missing-key.pem"))
+    assert missing_key.returncode == 2 and "cannot use --tls-cert" in text(missing_key)[1]
+
+
+def _sqlite_rows(path: Path, sql: str) -> list[tuple]:
+    """Rows of `sql` on a short connection of its own (the sync writes meanwhile); [] before the table exists."""
+    if not path.exists():
+        return []
+    connection = sqlite3.connect(path, timeout=5)
+    try:
+        return connection.execute(sql).fetchall()
+    except sqlite3.OperationalError:  # no such table yet
+        return []
+    finally:
+        connection.close()
