@@ -172,7 +172,8 @@ async def test_the_bench_driver_connects_over_tls(start_server, certificates, tl
     server = await start_server(**certificates.server_config(), token="bench-token")
     driver = EngineDriver([("sku", "dock")])
     with trio.fail_after(TIMEOUT):
-        stream = await driver.connect(server.host, server.port, tls_cafile=certificates.ca_file, tls_library=tls_library)
+        context = client_ssl_context(certificates.ca_file)
+        stream = await driver.connect(server.host, server.port, ssl_context=context, tls_library=tls_library)
         async with stream:
             await driver.hello(stream, "bench-token")
             await stream.send_all(b"".join(driver.get(number, 0) for number in range(3000)))  # many records each way

@@ -218,3 +218,30 @@ def _sqlite_rows(path: Path, sql: str) -> list[tuple]:
         return []
     finally:
         connection.close()
+
+
+async def test_the_load_test_runs_over_tls(tls_server, certificates, wrong_ca_file, tmp_path):
+    loadtest = ("-m", "bench.loadtest", "--connect", f"127.0.0.1:{tls_server.port}")
+    client_certificate = ("--tls-cert", certificates.client_cert_file, "--tls-key", certificates.client_key_file)
+    tiny = ("--seconds", "1", "--warmup-seconds", "0.2", "--connections", "2", "--depth", "2")
+    prefix = tmp_path / "run"
+    finished = await run_tool(*loadtest, "--tls-ca", certificates.ca_file, *client_certificate, *tiny, "--out", str(prefix),
+                              environment={TOKEN_ENVIRONMENT_VARIABLE: TOKEN}, timeout_seconds=60)
+    out, err = text(finished)
+    assert finished.returncode == 0, err[-3000:]
+    assert "verdict: OK" in out and "errors by code: none" in out and "connection error" not in out
+    result = json.loads(prefix.with_name("run.json").read_text())
+    assert result["config"]["tls"] is True and result["config"]["token"] is True
+    assert result["throughput"]["requests"] > 0
+
+    wrong_ca = await run_tool(*loadtest, "--tls-ca", wrong_ca_file, *client_certificate, *tiny,
+                              environment={TOKEN_ENVIRONMENT_VARIABLE: TOKEN})
+    err = text(wrong_ca)[1]
+    assert wrong_ca.returncode == 2, err
+    assert (f"error: 127.0.0.1:{tls_server.port} refused our TLS: the server's certificate does not verify"
+            f" against --tls-ca {wrong_ca_file}") in err
+    assert "Traceback" not in err
+    plaintext = await run_tool(*loadtest, *tiny, environment={TOKEN_ENVIRONMENT_VARIABLE: TOKEN})
+    assert plaintext.returncode == 2 and "Traceback" not in text(plaintext)[1]
+    own_server = await run_tool("-m", "bench.loadtest", "--tls-ca", certificates.ca_file, *tiny)
+    assert own_server.returncode == 2 and "the --tls options are for --connect" in text(own_server)[1]
