@@ -143,7 +143,7 @@ def check_reachable(host: str, port: int, connect: ConnectOptions, ssl_context: 
     except (OSError, ConnectionClosed, ProtocolViolation) as error:  # ssl.SSLError is an OSError
         refusal = tls_refusal(error, connect.tls)
         if refusal is not None:
-            return f"{host}:{port} refused our TLS: {refusal}"
+            return f"TLS with {host}:{port} failed: {refusal}"
         return f"cannot reach an engine at {host}:{port}: {type(error).__name__}: {error}"
     return None
 

@@ -199,7 +199,7 @@ async def test_the_sync_catches_up_over_tls(tls_server, certificates, wrong_ca_f
     wrong_ca = await run_tool(*sync, "--tls-ca", wrong_ca_file, *client_certificate, environment={TOKEN_ENVIRONMENT_VARIABLE: TOKEN})
     err = text(wrong_ca)[1]
     assert wrong_ca.returncode == 2, err
-    assert (f"the engine at 127.0.0.1:{tls_server.port} refuses the sync's TLS: the server's certificate does not verify"
+    assert (f"TLS with the engine at 127.0.0.1:{tls_server.port} failed: the server's certificate does not verify"
             f" against --tls-ca {wrong_ca_file}") in err
     assert "Traceback" not in err
     missing_key = await run_tool(*sync, "--tls-ca", certificates.ca_file, "--tls-cert", certificates.client_cert_file,
@@ -238,7 +238,7 @@ async def test_the_load_test_runs_over_tls(tls_server, certificates, wrong_ca_fi
                               environment={TOKEN_ENVIRONMENT_VARIABLE: TOKEN})
     err = text(wrong_ca)[1]
     assert wrong_ca.returncode == 2, err
-    assert (f"error: 127.0.0.1:{tls_server.port} refused our TLS: the server's certificate does not verify"
+    assert (f"error: TLS with 127.0.0.1:{tls_server.port} failed: the server's certificate does not verify"
             f" against --tls-ca {wrong_ca_file}") in err
     assert "Traceback" not in err
     plaintext = await run_tool(*loadtest, *tiny, environment={TOKEN_ENVIRONMENT_VARIABLE: TOKEN})

@@ -103,7 +103,7 @@ def run_sync(settings: SyncSettings, metrics: SyncMetrics, stop: threading.Event
             except (ConnectionClosed, ProtocolViolation, ServerError, OSError) as error:  # TimeoutError is an OSError
                 refusal = tls_refusal(error, settings.tls)
                 if refusal is not None:
-                    raise EngineRefused(f"the engine at {settings.host}:{settings.port} refuses the sync's TLS: {refusal}") from error
+                    raise EngineRefused(f"TLS with the engine at {settings.host}:{settings.port} failed: {refusal}") from error
                 cause = "engine"
                 log.warning("engine connection failed (reconnecting): %s", error)
             metrics.failure(cause)
