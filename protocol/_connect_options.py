@@ -51,7 +51,7 @@ def add_connect_arguments(parser: argparse.ArgumentParser) -> None:
     `--tls-server-name` to a tool's parser; read them back with `connect_options`."""
     group = parser.add_argument_group(
         "token and TLS",
-        f"The token comes from --token, --token-file or ${TOKEN_ENVIRONMENT_VARIABLE}, in that order. "
+        f"The token: --token-file or --token (not both), else ${TOKEN_ENVIRONMENT_VARIABLE}. "
         "Any --tls-* option turns TLS on.",
     )
     tokens = group.add_mutually_exclusive_group()
