@@ -9,6 +9,7 @@ the same maps.
 
 from __future__ import annotations
 
+import ssl
 import struct
 
 import msgpack
@@ -16,7 +17,6 @@ import trio
 
 from bench.tls_stream import LeanTlsStream
 from bench.workloads import ERROR, OK, REFUSED
-from protocol import client_ssl_context
 
 _HEADER = struct.Struct(">I")
 _packb = msgpack.packb
@@ -54,20 +54,21 @@ class EngineDriver:
             shared["engine_keys"] = [_key("sku") + _packb(sku) + _key("loc") + _packb(loc) for sku, loc in keys]
         self.key_fields = shared["engine_keys"]
 
-    async def connect(self, host: str, port: int, tls_cafile: str | None = None, tls_library: str = "lean") -> trio.abc.Stream:
-        """A TCP connection; with `tls_cafile`, TLS verified against that CA, through
-        `bench.tls_stream.LeanTlsStream` (`tls_library` "lean") or `trio.SSLStream` ("sslstream")."""
+    async def connect(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                      tls_library: str = "lean") -> trio.abc.Stream:
+        """A TCP connection; with `ssl_context`, TLS checking the server's certificate against
+        `server_hostname` (default `host`), through `bench.tls_stream.LeanTlsStream` (`tls_library`
+        "lean") or `trio.SSLStream` ("sslstream")."""
         stream = await trio.open_tcp_stream(host, port)
-        if tls_cafile is None:
+        if ssl_context is None:
             return stream
-        context = client_ssl_context(tls_cafile)
         try:
             if tls_library == "lean":
-                lean = LeanTlsStream(stream, context, server_hostname=host)
+                lean = LeanTlsStream(stream, ssl_context, server_hostname=server_hostname or host)
                 await lean.handshake()
                 return lean
             assert tls_library == "sslstream", f"unknown TLS library {tls_library!r}"
-            tls_stream = trio.SSLStream(stream, context, server_hostname=host)
+            tls_stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
             await tls_stream.do_handshake()
             return tls_stream
         except BaseException:

@@ -23,7 +23,7 @@ from collections import Counter
 
 import trio
 
-from bench.systems import DRIVERS
+from bench.systems import DRIVERS, connect_driver
 from bench.workloads import ERROR, OK, OP_NAMES, RESERVE, WORKLOADS, History, Lane, LaneMachine
 
 RECEIVE_BYTES_MAX = 1 << 16
@@ -78,6 +78,9 @@ class Run:
         self.tally = Tally(self.bucket_count, len(self.keys))
         self.shared: dict = {}
         self.machine = LaneMachine(self.workload, None, self.tally.history, seed=spec["seed"])
+        # One TLS context per process, for all its connections (the options cross to the
+        # process as plain strings; a context is built where it is used).
+        self.ssl_context = None if spec.get("tls") is None else spec["tls"].ssl_context()
 
     def record(self, lane: Lane, status: int, detail: object, now: float, latency: float) -> None:
         tally = self.tally
@@ -98,16 +101,11 @@ class Run:
                 tally.granted[bucket] += 1
                 tally.window_granted += 1
 
-    async def connect(self, driver) -> trio.SocketStream:
-        """A connection for one driver; a server that wants a token gets `hello` first."""
-        if self.spec.get("tls_cafile") is not None:
-            stream = await driver.connect(self.spec["host"], self.spec["port"], tls_cafile=self.spec["tls_cafile"],
-                                          tls_library=self.spec["tls_library"])
-        else:
-            stream = await driver.connect(self.spec["host"], self.spec["port"])
-        if self.spec["token"] is not None:
-            await driver.hello(stream, self.spec["token"])
-        return stream
+    async def connect(self, driver) -> trio.abc.Stream:
+        """A connection for one driver (TLS when the spec says so); a server that wants a token gets `hello` first."""
+        spec = self.spec
+        return await connect_driver(driver, spec["host"], spec["port"], spec["token"], spec.get("tls"), self.ssl_context,
+                                    spec.get("tls_library", "lean"))
 
     async def closed_loop(self, number: int, depth: int) -> None:
         spec = self.spec

@@ -1,7 +1,8 @@
 """`scripts/loadtest` (`python -m bench.loadtest`): the operator's front to the bench's generator.
 
-Point it at a running engine (--connect HOST:PORT, with --token if the server wants one), or let
-it start one on a temporary folder (stopped at the end). It loads stock on SKU-locations of its
+Point it at a running engine (--connect HOST:PORT, with a token if the server wants one:
+--token-file FILE or $ENGINE_TOKEN, or --token; --tls-ca FILE and the other --tls-* options for a
+server that speaks TLS), or let it start one on a temporary folder (stopped at the end). It loads stock on SKU-locations of its
 own (a SKU prefix unique to the run: no other stock is read or changed), drives one workload for
 --seconds with a live progress line on stderr, then prints throughput, latency percentiles,
 error counts and the verdict, and writes JSON and a PNG plot (--out PREFIX: PREFIX.json,
@@ -18,7 +19,7 @@ released - committed) is not above its stock, the server does not show reserved 
 the server's final on_hand/reserved equal the acknowledged history.
 
 Exit status: 0 verdict OK; 1 oversell, disagreement with the acknowledged history, or a run that
-could not be verified; 2 bad arguments, server unreachable or not started.
+could not be verified; 2 bad arguments, server unreachable, refusing us (token, TLS) or not started.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,18 @@ from bench import report, systems
 from bench.cli import machine_info
 from bench.measure import Load, measure
 from bench.workloads import WORKLOADS, Workload
-from protocol import Client, ServerError
+from protocol import (
+    Client,
+    ConnectionClosed,
+    ConnectOptions,
+    ConnectOptionsError,
+    ProtocolViolation,
+    ServerError,
+    TlsOptionsError,
+    add_connect_arguments,
+    connect_options,
+    tls_refusal,
+)
 
 LOADTEST_WORKLOADS = ("hot", "uniform", "orders")
 HOT_DEMAND_OVER_STOCK = 2  # hot: reserves in flight per SKU-location are twice its stock
@@ -49,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connect", metavar="HOST:PORT", default=None,
                         help="a running engine (default: start one on a temporary folder, stopped at the end)")
-    parser.add_argument("--token", default=None, help="sent in hello on every connection (a server started with --token)")
     parser.add_argument("--workload", choices=LOADTEST_WORKLOADS, default="hot", help="default %(default)s")
     parser.add_argument("--connections", type=int, default=64, help="default %(default)s")
     parser.add_argument("--depth", type=int, default=1,
@@ -67,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "SKU-location; uniform and orders, 1,000,000)")
     parser.add_argument("--out", metavar="PREFIX", default=None,
                         help="writes PREFIX.json and PREFIX.png (default bench/results/loadtest-<timestamp>)")
+    # --token (sent in hello on every connection), --token-file, --tls-ca, ...: as the shell and the sync.
+    add_connect_arguments(parser)
     return parser
 
 
@@ -87,6 +101,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.host, args.port = parse_address(args.connect)
         except ValueError as error:
             parser.error(str(error))
+    try:
+        args.connect_options = connect_options(args)
+    except ConnectOptionsError as error:
+        parser.error(str(error))
+    if args.connect_options.tls is not None and args.connect is None:
+        parser.error("the --tls options are for --connect: the engine the load test starts itself speaks plaintext")
     args.processes = min(args.processes, args.connections)
     return args
 
@@ -106,17 +126,24 @@ def default_stock(workload: Workload, lanes: int) -> int:
     return max(1, lanes // (workload.key_count * HOT_DEMAND_OVER_STOCK))
 
 
-def check_reachable(host: str, port: int, token: str | None, probe_key: tuple[str, str]) -> str | None:
+def check_reachable(host: str, port: int, connect: ConnectOptions, ssl_context: ssl.SSLContext | None,
+                    probe_key: tuple[str, str]) -> str | None:
     """None when the engine answers `hello` and a `get` (of one of this run's own SKU-locations); else why not."""
+    server_hostname = None if connect.tls is None else connect.tls.server_hostname(host)
     try:
-        with Client(host, port, timeout_seconds=PREFLIGHT_TIMEOUT_SECONDS) as client:
-            client.hello(token=token)
+        with Client(host, port, timeout_seconds=PREFLIGHT_TIMEOUT_SECONDS, ssl_context=ssl_context,
+                    server_hostname=server_hostname) as client:
+            client.hello(token=connect.token)
             client.get(*probe_key)
     except ServerError as error:
         if error.code == "unauthorized":
-            return f"{host}:{port} refused us ({error.code}): {'a wrong --token' if token else 'it needs --token'}"
+            hint = "a wrong token" if connect.token else "it needs a token: --token-file FILE, $ENGINE_TOKEN or --token"
+            return f"{host}:{port} refused us ({error.code}): {hint}"
         return f"{host}:{port} answered {error.code}: {error}"
-    except (OSError, ConnectionError) as error:
+    except (OSError, ConnectionClosed, ProtocolViolation) as error:  # ssl.SSLError is an OSError
+        refusal = tls_refusal(error, connect.tls)
+        if refusal is not None:
+            return f"TLS with {host}:{port} failed: {refusal}"
         return f"cannot reach an engine at {host}:{port}: {type(error).__name__}: {error}"
     return None
 
@@ -191,13 +218,19 @@ def main(argv: list[str] | None = None) -> int:
                 warmup_seconds=args.warmup_seconds, processes=args.processes, rate=args.rate,
                 stock_per_key=args.stock or default_stock(workload, lanes), sku_prefix=f"{run_id}-", run_tag=run_id)
     keys = load.keys()
+    connect = args.connect_options
     if args.connect is not None:
-        problem = check_reachable(args.host, args.port, args.token, keys[0])
+        try:
+            ssl_context = None if connect.tls is None else connect.tls.ssl_context()
+        except TlsOptionsError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        problem = check_reachable(args.host, args.port, connect, ssl_context, keys[0])
         if problem is not None:
             print(f"error: {problem}", file=sys.stderr)
             return EXIT_USAGE
-        system = systems.RemoteSystem(args.host, args.port, args.token)
-        where = f"{args.host}:{args.port}"
+        system = systems.RemoteSystem(args.host, args.port, connect.token, connect.tls)
+        where = f"{args.host}:{args.port}" + (" (TLS)" if connect.tls is not None else "")
     else:
         print("starting an engine on a temporary folder ...", file=sys.stderr, flush=True)
         try:
@@ -252,7 +285,8 @@ def result_document(args: argparse.Namespace, load: Load, where: str, run_id: st
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(),
         "config": {
-            "server": where, "started_here": args.connect is None, "token": args.token is not None,
+            "server": where, "started_here": args.connect is None, "token": args.connect is not None and args.connect_options.token is not None,
+            "tls": args.connect_options.tls is not None,
             "workload": args.workload, "connections": args.connections, "depth": args.depth, "rate": args.rate,
             "seconds": args.seconds, "warmup_seconds": args.warmup_seconds, "processes": args.processes,
             "sku_prefix": load.sku_prefix, "sku_locations": len(load.keys()), "stock_per_sku_location": load.stock(),

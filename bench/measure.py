@@ -129,7 +129,7 @@ def run_generators(system, load: Load, label: str) -> tuple[dict, float | None, 
     for index in range(process_count):
         specs.append({
             "kind": system.kind, "host": system.host, "port": system.port, "token": system.token,
-            "tls_cafile": getattr(system, "tls_cafile", None), "tls_library": getattr(system, "tls_library", "lean"),
+            "tls": getattr(system, "tls", None), "tls_library": getattr(system, "tls_library", "lean"),
             "workload": load.workload, "sku_prefix": load.sku_prefix,
             "depth": load.depth, "rate": load.rate, "connections_total": load.connections,
             "connection_numbers": numbers[index::process_count], "load_at": load_at,

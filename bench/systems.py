@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from bench.engine_driver import EngineDriver
 from bench.postgres_peer import SCHEMA, PostgresDriver
 from bench.redis_peer import SCRIPTS, RedisDriver
 from bench.workloads import OK
+from protocol import TlsOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -56,7 +58,7 @@ class RunningSystem:
     log_path: Path
     cleanup: list = field(default_factory=list)  # callables run after the process stopped
     token: str | None = None     # sent in `hello` on every connection (engine started with --token)
-    tls_cafile: str | None = None  # connect with TLS, trusting this CA (engine started with --tls-cert)
+    tls: TlsOptions | None = None  # connect with TLS (engine started with --tls-cert)
     tls_library: str = "lean"    # the generator's TLS: lean (bench/tls_stream.py) or sslstream (trio.SSLStream)
 
     @property
@@ -115,7 +117,8 @@ class RemoteSystem:
     host: str
     port: int
     token: str | None = None
-    tls_cafile: str | None = None
+    tls: TlsOptions | None = None
+    tls_library: str = "lean"
     name: str = "engine"
     kind: str = "engine"
     version: str = "remote"
@@ -369,14 +372,28 @@ def start(name: str, *, baseline_revision: str | None = None, postgres_max_conne
 # --- admin calls (not timed) --------------------------------------------------------------
 
 
+async def connect_driver(driver, host: str, port: int, token: str | None, tls: TlsOptions | None,
+                         ssl_context: ssl.SSLContext | None, tls_library: str) -> trio.abc.Stream:
+    """A stream for `driver` (the generator's connections and the admin ones): TLS when `tls` is
+    given (with `ssl_context`, built from it by the caller, once), then `hello` with `token`."""
+    if tls is None:
+        stream = await driver.connect(host, port)
+    else:
+        stream = await driver.connect(host, port, ssl_context=ssl_context, server_hostname=tls.server_hostname(host),
+                                      tls_library=tls_library)
+    if token is not None:
+        try:
+            await driver.hello(stream, token)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+    return stream
+
+
 async def _admin_connection(system: RunningSystem | RemoteSystem, keys: list) -> tuple:
     driver = DRIVERS[system.kind](keys)
-    if system.tls_cafile is not None:
-        stream = await driver.connect(system.host, system.port, tls_cafile=system.tls_cafile, tls_library=system.tls_library)
-    else:
-        stream = await driver.connect(system.host, system.port)
-    if system.token is not None:
-        await driver.hello(stream, system.token)
+    ssl_context = None if system.tls is None else system.tls.ssl_context()
+    stream = await connect_driver(driver, system.host, system.port, system.token, system.tls, ssl_context, system.tls_library)
     return driver, stream
 
 

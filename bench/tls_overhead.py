@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bench import cli, systems
 from bench.rotation import measure_in_rotation
+from protocol import TlsOptions
 
 RESULTS = cli.RESULTS
 # As in metrics_overhead: a periodic snapshot landing in one system's run would swamp the figures.
@@ -66,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ca_file, cert_file, key_file = make_certificates(certificates)
         running.append(systems.start_engine("engine", extra_args=ENGINE_ARGS))
-        tls = systems.start_engine("engine+tls", extra_args=(*ENGINE_ARGS, "--tls-cert", cert_file, "--tls-key", key_file))
-        tls.tls_cafile = ca_file
-        tls.tls_library = options.generator_tls
-        running.append(tls)
+        over_tls = systems.start_engine("engine+tls", extra_args=(*ENGINE_ARGS, "--tls-cert", cert_file, "--tls-key", key_file))
+        over_tls.tls = TlsOptions(ca_file=ca_file)
+        over_tls.tls_library = options.generator_tls
+        running.append(over_tls)
         results, ok = measure_in_rotation(
             args, running, options.workload, modes, options.rounds, options.seconds, int(time.time()) % 100_000 * 100, 11,
         )

@@ -3,6 +3,7 @@
 Sans-IO core (`ServerProtocol`, `ClientProtocol`, typed commands, error codes) plus two pipelining
 clients built on it: `Client` (blocking sockets) and `TrioClient` (trio); and `OfflineClient`, which
 queues mutating requests in a durable SQLite outbox (`OutboxStore`) and sends them when it can.
+The tools that connect to a server share their token and TLS options (`add_connect_arguments`).
 """
 
 from ._commands import (
@@ -61,7 +62,15 @@ from ._limits import (
 )
 from . import _errors as codes
 from . import _requests as requests
-from ._tls import client_ssl_context
+from ._tls import TlsOptions, TlsOptionsError, client_ssl_context
+from ._connect_options import (
+    TOKEN_ENVIRONMENT_VARIABLE,
+    ConnectOptions,
+    ConnectOptionsError,
+    add_connect_arguments,
+    connect_options,
+    tls_refusal,
+)
 from .client import Client
 from .trio_client import TrioClient, open_trio_client
 from ._outbox_requests import InvalidOutboxRequest

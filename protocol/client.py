@@ -49,7 +49,9 @@ class Client(RequestMethods[dict[str, Any]]):
     timed-out send closes it, because part of a frame may already be on the wire.
 
     TLS: pass `ssl_context` (e.g. `client_ssl_context(cafile, cert_file, key_file)`), or just
-    `cafile` to verify the server's certificate against that CA. The server's name is `host`.
+    `cafile` to verify the server's certificate against that CA. The certificate must name
+    `server_hostname` (default: `host`; give it when connecting by another name, a tunnel's
+    127.0.0.1 say).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Client(RequestMethods[dict[str, Any]]):
         max_frame_bytes: int = MAX_FRAME_BYTES,
         ssl_context: ssl.SSLContext | None = None,
         cafile: str | None = None,
+        server_hostname: str | None = None,
     ):
         self.timeout_seconds = timeout_seconds
         self._protocol = ClientProtocol(max_frame_bytes)
@@ -69,7 +72,7 @@ class Client(RequestMethods[dict[str, Any]]):
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if context is not None:
             try:
-                self._socket = context.wrap_socket(self._socket, server_hostname=host)  # handshakes within the timeout
+                self._socket = context.wrap_socket(self._socket, server_hostname=server_hostname or host)  # handshakes within the timeout
             except BaseException:
                 self._socket.close()
                 raise

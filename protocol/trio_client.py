@@ -223,11 +223,13 @@ async def open_trio_client(
     events_buffered_max: int = EVENTS_BUFFERED_MAX,
     ssl_context: ssl.SSLContext | None = None,
     cafile: str | None = None,
+    server_hostname: str | None = None,
 ) -> AsyncIterator[TrioClient]:
     """Connect, run the client's reader and writer tasks, and yield the client.
 
     TLS: pass `ssl_context` (e.g. `client_ssl_context(cafile, cert_file, key_file)`), or just
-    `cafile`; the connection is then a `trio.SSLStream` checking the server's name against `host`.
+    `cafile`; the connection is then a `trio.SSLStream` checking the server's certificate against
+    `server_hostname` (default: `host`).
 
     On exit the tasks are cancelled, callers still waiting get `ConnectionClosed`, and the stream
     is closed. An exception raised in the body propagates as it is (not wrapped in a group).
@@ -235,7 +237,7 @@ async def open_trio_client(
     context = resolve_ssl_context(ssl_context, cafile)
     stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
     if context is not None:
-        stream = trio.SSLStream(stream, context, server_hostname=host)
+        stream = trio.SSLStream(stream, context, server_hostname=server_hostname or host)
         try:
             await stream.do_handshake()
         except BaseException:

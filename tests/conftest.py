@@ -1,4 +1,5 @@
-"""Fixtures: an in-process server (trio) and a real server process (for kill -9 tests)."""
+"""Fixtures: an in-process server (trio), a real server process (for kill -9 tests), and TLS
+certificates made at test time (trustme)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trustme
 
 from engine.config import Config
 from engine.server import RunningServer, run_server
@@ -110,3 +112,40 @@ def server_process(data_dir):
     for process in started:
         if process.process.poll() is None:
             process.kill()
+
+
+class Certificates:
+    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, as PEM files."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.ca = trustme.CA()
+        self.ca_file = str(folder / "ca.pem")
+        self.ca.cert_pem.write_to_path(self.ca_file)
+        server = self.ca.issue_cert("127.0.0.1", "localhost")
+        self.cert_file = str(folder / "server.pem")
+        self.key_file = str(folder / "server-key.pem")
+        server.cert_chain_pems[0].write_to_path(self.cert_file)
+        for pem in server.cert_chain_pems[1:]:
+            pem.write_to_path(self.cert_file, append=True)
+        server.private_key_pem.write_to_path(self.key_file)
+        client = self.ca.issue_cert("order-system@example.com", common_name="order-system")
+        self.client_cert_file = str(folder / "client.pem")
+        self.client_key_file = str(folder / "client-key.pem")
+        client.cert_chain_pems[0].write_to_path(self.client_cert_file)
+        client.private_key_pem.write_to_path(self.client_key_file)
+
+    def server_config(self, client_ca: bool = False) -> dict:
+        """Config overrides for `start_server`."""
+        return {"tls_cert_file": self.cert_file, "tls_key_file": self.key_file,
+                "tls_client_ca_file": self.ca_file if client_ca else None}
+
+    def serve_arguments(self, client_ca: bool = False) -> tuple[str, ...]:
+        """`python -m engine serve` options (for `ServerProcess`)."""
+        client_ca_arguments = ("--tls-client-ca", self.ca_file) if client_ca else ()
+        return ("--tls-cert", self.cert_file, "--tls-key", self.key_file, *client_ca_arguments)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory) -> Certificates:
+    return Certificates(tmp_path_factory.mktemp("certificates"))

@@ -44,8 +44,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-async def drive_traffic(server, prefix: str, count: int) -> None:
+async def drive_traffic(server, prefix: str, count: int, token: str | None = None) -> None:
     async with open_trio_client(server.host, server.port) as client:
+        if token is not None:
+            await client.hello(token=token)
         await client.adjust(f"{prefix}-receipt", "SKU-1", "DC-1", count, "receipt")
         for index in range(count):
             await client.reserve(f"{prefix}-{index}", [("SKU-1", "DC-1", 1)])
@@ -99,9 +101,12 @@ async def test_promtool_check_metrics_passes_on_a_scrape(start_server):
 
 async def test_grafana_dashboard_queries_only_exported_metrics(start_server):
     dashboard = json.loads((OPS / "grafana-dashboard.json").read_text())
-    server = await start_server(metrics_port=0)
+    # With a token, so that the metrics by token name have samples: a hello, and a refusal.
+    server = await start_server(metrics_port=0, token="dashboard-token")
     with trio.fail_after(20):
-        await drive_traffic(server, "dash", 5)
+        await drive_traffic(server, "dash", 5, token="dashboard-token")
+        async with open_trio_client(server.host, server.port) as anonymous:
+            assert (await anonymous.request("ping"))["error"] == "unauthorized"
         exported = {name for name, _ in samples(await scraped_text(server))} | {"up"}
     panels = dashboard["panels"]
     assert len(panels) >= 10
@@ -114,7 +119,8 @@ async def test_grafana_dashboard_queries_only_exported_metrics(start_server):
                 named.add(metric)
     for wanted in ("engine_requests_total", "engine_request_duration_seconds_bucket", "engine_wal_commit_duration_seconds_bucket",
                    "engine_wal_commit_records_bucket", "engine_applied_seq", "engine_durable_seq", "engine_connections_open",
-                   "engine_units_held", "engine_shortage_sku_locations"):
+                   "engine_units_held", "engine_shortage_sku_locations", "engine_hellos_total", "engine_unauthorized_total",
+                   "engine_connections_authenticated", "engine_auth_reloads_total", "engine_tls_handshake_failures_total"):
         assert wanted in named, f"no panel shows {wanted}"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ssl
 from functools import partial
-from pathlib import Path
 
 import pytest
 import trio
@@ -17,37 +16,6 @@ from protocol import Client, ConnectionClosed, client_ssl_context, open_trio_cli
 from raw_connection import open_raw
 
 TIMEOUT = 10
-
-
-class Certificates:
-    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, as PEM files."""
-
-    def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.ca = trustme.CA()
-        self.ca_file = str(folder / "ca.pem")
-        self.ca.cert_pem.write_to_path(self.ca_file)
-        server = self.ca.issue_cert("127.0.0.1", "localhost")
-        self.cert_file = str(folder / "server.pem")
-        self.key_file = str(folder / "server-key.pem")
-        server.cert_chain_pems[0].write_to_path(self.cert_file)
-        for pem in server.cert_chain_pems[1:]:
-            pem.write_to_path(self.cert_file, append=True)
-        server.private_key_pem.write_to_path(self.key_file)
-        client = self.ca.issue_cert("order-system@example.com", common_name="order-system")
-        self.client_cert_file = str(folder / "client.pem")
-        self.client_key_file = str(folder / "client-key.pem")
-        client.cert_chain_pems[0].write_to_path(self.client_cert_file)
-        client.private_key_pem.write_to_path(self.client_key_file)
-
-    def server_config(self, client_ca: bool = False) -> dict:
-        return {"tls_cert_file": self.cert_file, "tls_key_file": self.key_file,
-                "tls_client_ca_file": self.ca_file if client_ca else None}
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory) -> Certificates:
-    return Certificates(tmp_path_factory.mktemp("certificates"))
 
 
 async def test_trio_client_over_tls(start_server, certificates):
@@ -204,7 +172,8 @@ async def test_the_bench_driver_connects_over_tls(start_server, certificates, tl
     server = await start_server(**certificates.server_config(), token="bench-token")
     driver = EngineDriver([("sku", "dock")])
     with trio.fail_after(TIMEOUT):
-        stream = await driver.connect(server.host, server.port, tls_cafile=certificates.ca_file, tls_library=tls_library)
+        context = client_ssl_context(certificates.ca_file)
+        stream = await driver.connect(server.host, server.port, ssl_context=context, tls_library=tls_library)
         async with stream:
             await driver.hello(stream, "bench-token")
             await stream.send_all(b"".join(driver.get(number, 0) for number in range(3000)))  # many records each way

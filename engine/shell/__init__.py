@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 
+from protocol import ConnectOptionsError, TlsOptionsError, add_connect_arguments, connect_options
+
 from .commands import USAGE, Session, parse_address
 from .interactive import HISTORY_FILE_DEFAULT, run_interactive
 from .registry import all_commands
@@ -26,16 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m engine shell",
         description="Admin shell of the inventory reservation engine. `help` inside lists the commands.",
         epilog='Examples:  python -m engine shell --data ./data -c "snapshots; verify"\n'
-               '           python -m engine shell --connect 127.0.0.1:7440 -c "stats"',
+               '           python -m engine shell --connect 127.0.0.1:7440 -c "stats"\n'
+               '           ENGINE_TOKEN=... python -m engine shell --connect db.example:7440 --tls-ca ca.pem -c "stats"',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", default=None, help="a data folder for the offline commands (read-only)")
     parser.add_argument("--connect", type=parse_address, default=None, metavar="HOST:PORT", help="a running server for the online commands")
-    parser.add_argument("--token", default=None, help="the server's --token, sent in hello")
     parser.add_argument("--json", action="store_true", help="print JSON (one document per result) instead of tables")
     parser.add_argument("--progress", action="store_true", help="draw progress bars on stderr even when it is not a terminal")
     parser.add_argument("-c", dest="commands", default=None, metavar='"CMD; CMD"', help="run these commands and exit")
     parser.add_argument("--history-file", default=HISTORY_FILE_DEFAULT, help="interactive history (default %(default)s)")
+    add_connect_arguments(parser)  # --token, --token-file, --tls-ca, ...: as the sync and the load test
     return parser
 
 
@@ -45,10 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         arguments = build_parser().parse_args(argv)
     except SystemExit as exit_request:
         return USAGE if exit_request.code else 0
-    session = Session(
-        Printer(sys.stdout, sys.stderr, arguments.json), data_path=arguments.data, address=arguments.connect,
-        token=arguments.token, progress_forced=arguments.progress,
-    )
+    try:
+        session = Session(
+            Printer(sys.stdout, sys.stderr, arguments.json), data_path=arguments.data, address=arguments.connect,
+            connect=connect_options(arguments), progress_forced=arguments.progress,
+        )
+    except (ConnectOptionsError, TlsOptionsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE
     commands = all_commands()
     try:
         if arguments.commands is not None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import ssl
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import msgpack
 
-from protocol import Client, ConnectionClosed, ProtocolViolation, ServerError
+from protocol import Client, ConnectionClosed, ConnectOptions, ProtocolViolation, ServerError, tls_refusal
 
 from .data_folder import DataFolder, ShellError
 from .render import Printer, Progress, progress_wanted
@@ -47,14 +48,23 @@ class CommandParser(argparse.ArgumentParser):
 
 @dataclass
 class Session:
-    """What commands run against: the data folder and server given to the shell, and the printer."""
+    """What commands run against: the data folder and server given to the shell, and the printer.
+
+    `connect` (token and TLS) applies to every connection, to `--connect` and to a command's own
+    `--connect`. Its TLS context is built here, once: a CA or certificate file the shell cannot
+    use raises `TlsOptionsError` before any command runs."""
 
     printer: Printer
     data_path: str | None = None
     address: tuple[str, int] | None = None
-    token: str | None = None
+    connect: ConnectOptions = field(default_factory=ConnectOptions)
     progress_forced: bool = False
     _clients: dict[tuple[str, int], Client] = field(default_factory=dict, repr=False)
+    _ssl_context: ssl.SSLContext | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.connect.tls is not None:
+            self._ssl_context = self.connect.tls.ssl_context()
 
     @contextmanager
     def data_folder(self, path: str | None = None) -> Iterator[DataFolder]:
@@ -84,11 +94,24 @@ class Session:
         if address is None:
             raise ShellError("this command talks to a server: start the shell with --connect HOST:PORT")
         host, port = address
+        tls = self.connect.tls
         try:
-            client = Client(host, port, timeout_seconds=CLIENT_TIMEOUT_SECONDS)
-        except OSError as error:
-            raise ShellError(f"cannot connect to {host}:{port}: {error}") from None
-        client.hello(token=self.token, client="engine-shell")
+            client = Client(host, port, timeout_seconds=CLIENT_TIMEOUT_SECONDS, ssl_context=self._ssl_context,
+                            server_hostname=None if tls is None else tls.server_hostname(host))
+        except OSError as error:  # ssl.SSLError is one
+            raise ShellError(f"cannot connect to {host}:{port}: {tls_refusal(error, tls) or error}") from None
+        try:
+            # With TLS 1.3 a server that refuses our client certificate says so at the first read.
+            client.hello(token=self.connect.token, client="engine-shell")
+        except (ConnectionClosed, OSError) as error:
+            client.close()
+            refusal = tls_refusal(error, tls)
+            if refusal is None:
+                raise
+            raise ShellError(f"cannot connect to {host}:{port}: {refusal}") from None
+        except BaseException:
+            client.close()
+            raise
         return client
 
     def progress(self, label: str, total: int) -> Progress:

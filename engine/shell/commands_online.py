@@ -1,5 +1,5 @@
-"""Online commands, against a running server (`--connect HOST:PORT`, `--token`): `stats`, `get`,
-`query`, `lookup`, `snapshot`, `watch`, `adjust`, `count`."""
+"""Online commands, against a running server (`--connect HOST:PORT`, with the shell's token and
+TLS options): `stats`, `get`, `query`, `lookup`, `snapshot`, `watch`, `adjust`, `count`."""
 
 from __future__ import annotations
 

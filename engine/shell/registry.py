@@ -11,7 +11,7 @@ from .data_folder import ShellError
 GROUP_TITLES = {
     "offline": "Offline, on a data folder (--data DIR; read-only, safe on a running server's folder):",
     "reconcile": "Reconcile (--data DIR or --connect HOST:PORT):",
-    "online": "Online, against a running server (--connect HOST:PORT, --token):",
+    "online": "Online, against a running server (--connect HOST:PORT; --token-file, --tls-ca: python -m engine shell --help):",
     "shell": "The shell:",
 }
 

@@ -2,12 +2,14 @@
 
     python -m engine sync --connect 127.0.0.1:7440 --to sqlite:///sync.db --metrics-port 9480
     python -m engine sync --to postgresql://reports@db.internal/inventory
+    ENGINE_TOKEN=... python -m engine sync --connect db.example:7440 --tls-ca ca.pem --to sqlite:///sync.db
     python -m engine sync --to sqlite:///sync.db --retry-dead-letters
 
 Exit codes: 0 stopped by SIGTERM/SIGINT (the open batch commits first) or a finished
-`--retry-dead-letters`; 2 bad arguments, a database the sync cannot use, or an engine that
-refuses the sync (wrong `--token`); 3 the read model cannot
-resume from the engine's log (`CannotResume`); 4 too many dead letters.
+`--retry-dead-letters`; 2 bad arguments (an unusable TLS file among them), a database the sync
+cannot use, or an engine that refuses the sync (a wrong token; TLS that a retry cannot mend: a
+server certificate that does not verify, a client certificate missing or refused); 3 the read
+model cannot resume from the engine's log (`CannotResume`); 4 too many dead letters.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import signal
 import sys
 import threading
 
-from protocol import DEFAULT_HOST, DEFAULT_PORT
+from protocol import DEFAULT_HOST, DEFAULT_PORT, TlsOptionsError, add_connect_arguments, connect_options
 
 from .databases import UnsupportedDatabase, check_url, describe
 from .settings import SyncSettings
@@ -39,7 +41,6 @@ def add_sync_parser(commands: argparse._SubParsersAction) -> None:
     sync.add_argument("--connect", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}", metavar="HOST:PORT", help="the engine (default %(default)s)")
     sync.add_argument("--to", default=DEFAULT_URL, metavar="URL",
                       help="sqlite:///PATH (default %(default)s; sqlite:////abs/path for an absolute path) or postgresql://...")
-    sync.add_argument("--token", default=None, help="the engine's --token, if it has one")
     sync.add_argument("--retry-dead-letters", action="store_true", help="apply the dead letters again, report, and exit")
     sync.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     sync.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default %(default)s)")
@@ -50,6 +51,7 @@ def add_sync_parser(commands: argparse._SubParsersAction) -> None:
     sync.add_argument("--dead-letters-max", type=int, default=defaults.dead_letters_max,
                       help="stop when the dead-letter table holds this many (default %(default)s)")
     sync.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_connect_arguments(sync)  # --token, --token-file, --tls-ca, ...: as the shell and the load test
 
 
 def run_sync_command(args: argparse.Namespace) -> int:
@@ -79,10 +81,10 @@ def run_sync_command(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("sync %s:%d -> %s", settings.host, settings.port, describe(settings.url))
+    log.info("sync %s:%d%s -> %s", settings.host, settings.port, " (TLS)" if settings.tls else "", describe(settings.url))
     try:
         run_sync(settings, metrics, stop)
-    except (UnsupportedDatabase, EngineRefused) as error:
+    except (UnsupportedDatabase, EngineRefused, TlsOptionsError) as error:
         log.error("%s", error)
         return EXIT_USAGE
     except CannotResume as error:
@@ -109,8 +111,9 @@ def _settings(args: argparse.Namespace) -> SyncSettings:
     if args.batch_events_max < 1 or args.batch_window_ms < 0 or args.dead_letters_max < 1 or args.progress_seconds <= 0:
         raise ValueError("--batch-events-max, --dead-letters-max and --progress-seconds must be positive, --batch-window-ms >= 0")
     check_url(args.to)
+    connect = connect_options(args)  # ConnectOptionsError is a ValueError
     return SyncSettings(
-        host=host, port=int(port), url=args.to, token=args.token,
+        host=host, port=int(port), url=args.to, token=connect.token, tls=connect.tls,
         batch_events_max=args.batch_events_max, batch_window_seconds=args.batch_window_ms / 1000,
         progress_seconds=args.progress_seconds, dead_letters_max=args.dead_letters_max,
     )

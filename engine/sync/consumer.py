@@ -19,10 +19,11 @@ the offset applies every event exactly once.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 
-from protocol import Client, ConnectionClosed, ProtocolViolation, ServerError
+from protocol import Client, ConnectionClosed, ProtocolViolation, ServerError, tls_refusal
 
 from ..core.events import Event, check_event
 from .databases import failure_errors, open_database
@@ -40,8 +41,8 @@ class CannotResume(Exception):
 
 
 class EngineRefused(Exception):
-    """The engine refuses the sync itself (a wrong `--token`, an unsupported protocol version):
-    retrying cannot help."""
+    """The engine refuses the sync itself (a wrong `--token`, an unsupported protocol version, TLS
+    that does not agree: see `protocol.tls_refusal`): retrying cannot help."""
 
 
 class TooManyDeadLetters(Exception):
@@ -70,9 +71,13 @@ def run_sync(settings: SyncSettings, metrics: SyncMetrics, stop: threading.Event
     """Keep the read model in step with the engine until `stop` is set.
 
     Raises `CannotResume`, `EngineRefused` or `TooManyDeadLetters` when going on would be wrong
-    or useless; every other failure of the engine or the database is retried (logged, counted,
-    with a delay that doubles per failure in a row and starts again after a committed batch).
+    or useless, `TlsOptionsError` for a TLS file it cannot use; every other failure of the engine
+    or the database is retried (logged, counted, with a delay that doubles per failure in a row
+    and starts again after a committed batch).
     """
+    # One context for every connection (a watch, a stats poll every few seconds): the CA and the
+    # client certificate are read once.
+    ssl_context = settings.tls.ssl_context() if settings.tls is not None else None
     database_errors = failure_errors(settings.url)
     backoff = _Backoff(settings.reconnect_delay_initial_seconds, settings.reconnect_delay_max_seconds)
     sink: ReadModelSink | None = None
@@ -82,7 +87,7 @@ def run_sync(settings: SyncSettings, metrics: SyncMetrics, stop: threading.Event
                 if sink is None:
                     sink = ReadModelSink(open_database(settings.url))
                     sink.create_schema()
-                _stream(settings, sink, metrics, stop, backoff)
+                _stream(settings, ssl_context, sink, metrics, stop, backoff)
                 continue
             except (CannotResume, EngineRefused, TooManyDeadLetters):
                 raise
@@ -96,6 +101,9 @@ def run_sync(settings: SyncSettings, metrics: SyncMetrics, stop: threading.Event
                 cause = "gap"
                 log.error("%s; reconnecting", error)
             except (ConnectionClosed, ProtocolViolation, ServerError, OSError) as error:  # TimeoutError is an OSError
+                refusal = tls_refusal(error, settings.tls)
+                if refusal is not None:
+                    raise EngineRefused(f"TLS with the engine at {settings.host}:{settings.port} failed: {refusal}") from error
                 cause = "engine"
                 log.warning("engine connection failed (reconnecting): %s", error)
             metrics.failure(cause)
@@ -105,11 +113,22 @@ def run_sync(settings: SyncSettings, metrics: SyncMetrics, stop: threading.Event
             sink.database.close()
 
 
-def _stream(settings: SyncSettings, sink: ReadModelSink, metrics: SyncMetrics, stop: threading.Event, backoff: _Backoff) -> None:
+def _connect(settings: SyncSettings, ssl_context: ssl.SSLContext | None) -> Client:
+    """A connection to the engine (TLS when the settings say so), not yet greeted."""
+    return Client(
+        settings.host, settings.port, timeout_seconds=settings.engine_timeout_seconds, ssl_context=ssl_context,
+        server_hostname=None if settings.tls is None else settings.tls.server_hostname(settings.host),
+    )
+
+
+def _stream(
+    settings: SyncSettings, ssl_context: ssl.SSLContext | None, sink: ReadModelSink, metrics: SyncMetrics, stop: threading.Event,
+    backoff: _Backoff,
+) -> None:
     """One watch connection, until it fails or `stop` is set."""
     offset, offset_ts_ms = sink.read_offset()
     dead_letters = sink.dead_letter_count()
-    with Client(settings.host, settings.port, timeout_seconds=settings.engine_timeout_seconds) as client:
+    with _connect(settings, ssl_context) as client:
         _hello(client, settings.token)
         head_seq = _subscribe(client, offset)
         metrics.observe_head(head_seq)
@@ -135,7 +154,7 @@ def _stream(settings: SyncSettings, sink: ReadModelSink, metrics: SyncMetrics, s
             now = time.monotonic()
             if now >= next_head_poll:
                 next_head_poll = now + settings.head_poll_seconds
-                _poll_head(settings, metrics)
+                _poll_head(settings, ssl_context, metrics)
             metrics.update_lag(offset, offset_ts_ms)
             if now >= next_progress:
                 next_progress = now + settings.progress_seconds
@@ -195,11 +214,11 @@ def _gather(client: Client, settings: SyncSettings) -> list[Event]:
     return batch
 
 
-def _poll_head(settings: SyncSettings, metrics: SyncMetrics) -> None:
+def _poll_head(settings: SyncSettings, ssl_context: ssl.SSLContext | None, metrics: SyncMetrics) -> None:
     """The engine's durable seq from `stats`, on a short connection of its own. A failure is only
     logged: the watch connection is what tells whether the engine is there."""
     try:
-        with Client(settings.host, settings.port, timeout_seconds=settings.engine_timeout_seconds) as client:
+        with _connect(settings, ssl_context) as client:
             client.hello(token=settings.token, client=CLIENT_NAME)
             metrics.observe_head(int(client.stats()["wal"]["durable_seq"]))
     except (ConnectionClosed, ProtocolViolation, ServerError, OSError, KeyError, TypeError) as error:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from protocol import TlsOptions  # the sync's command line imports `protocol` anyway
+
 
 @dataclass(frozen=True)
 class SyncSettings:
@@ -17,6 +19,7 @@ class SyncSettings:
     port: int
     url: str
     token: str | None = None
+    tls: TlsOptions | None = None  # None: plaintext
     batch_events_max: int = 500  # events per database transaction
     batch_window_seconds: float = 0.05  # how long a batch waits to fill once it has one event
     idle_wait_seconds: float = 0.5  # a wait for the first event of a batch; then stop/lag/progress checks
