@@ -58,7 +58,7 @@ def build_snapshot(lmdb_path: str, through_seq: int) -> dict[str, float]:
         replayed = replay_log(storage, state, through_seq)
         assert state.seq == through_seq, f"replay reached {state.seq}, not {through_seq}"
         check_invariants(state)
-        size_bytes = storage.write_snapshot_file(state.to_snapshot())
+        size_bytes = storage.write_snapshot_file(state.to_snapshot_arrays())
     finally:
         storage.close()
     return {
