@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--owner-tasks", type=int, default=defaults.owner_tasks,
         help="owner tasks, each owning a hash partition of the SKU-locations (default %(default)s)",
     )
+    serve.add_argument(
+        "--snapshot-builder-idle-seconds", type=float, default=defaults.snapshot_builder_idle_seconds,
+        help="a snapshot builder idle this long exits, freeing its copy of the state (the next snapshot loads it again); 0: one builder per snapshot (default %(default)s)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_sync_parser(commands)
     return parser
@@ -84,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         snapshot_interval_seconds=args.snapshot_interval_seconds,
         owner_tasks=args.owner_tasks,
         snapshot_builder=args.snapshot_builder,
+        snapshot_builder_idle_seconds=args.snapshot_builder_idle_seconds,
     )
 
 
@@ -132,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.idle_timeout_seconds is not None and args.idle_timeout_seconds <= 0:
             log.error("--idle-timeout-seconds must be positive")
+            return 2
+        if args.snapshot_builder_idle_seconds < 0:
+            log.error("--snapshot-builder-idle-seconds must not be negative")
             return 2
         refusal = None
         exit_code = 0

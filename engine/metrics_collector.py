@@ -148,7 +148,18 @@ class EngineCollector:
         snapshots = engine.snapshots
         yield _counter("engine_snapshot_builds", "Snapshots built (by the builder process, or on the loop).", snapshots.builds)
         yield _counter("engine_snapshot_failures", "Snapshot builds that failed (nothing is lost: the log has it all).", snapshots.failures)
-        yield _gauge("engine_snapshot_builder_running", "1 while a snapshot builder process runs.", 0 if snapshots.builder_pid is None else 1)
+        yield _gauge(
+            "engine_snapshot_builder_running", "1 while a snapshot builder process is alive (building, or idle and holding its copy of the state).",
+            0 if snapshots.builder_pid is None else 1,
+        )
+        stats = snapshots.stats()
+        yield _counter("engine_snapshot_builder_starts", "Snapshot builder processes started.", stats["builder_starts"])
+        yield _counter(
+            "engine_snapshot_builder_base_loads",
+            "Snapshots a builder built from a loaded snapshot (its first, or its state did not continue the log) rather than from the state it kept.",
+            stats["builder_base_loads"],
+        )
+        yield _counter("engine_snapshot_builder_replayed_records", "Log records the snapshot builders replayed.", stats["builder_replayed_records"])
         map_figures = engine.storage.map_stats()
         yield _gauge("engine_lmdb_map_size_bytes", "Size of the LMDB map now (it grows, doubling, up to its ceiling).", map_figures["map_size_bytes"])
         yield _gauge("engine_lmdb_map_size_max_bytes", "Ceiling the LMDB map may grow to (--map-size-max-mb).", map_figures["map_size_max_bytes"])

@@ -372,11 +372,12 @@ class Engine:
         self._decide(None, Forget(cutoff_ms, self.config.forget_batch_max), _ignore_reply)
 
     async def run_housekeeping(self) -> None:
-        """Expiry timers, id retention and periodic snapshots, until cancelled."""
+        """Expiry timers, id retention, periodic snapshots and the snapshot builder, until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.expiry.run)
             nursery.start_soon(self._every, self.config.forget_interval_seconds, self.forget_old_ids)
             nursery.start_soon(self._periodic_snapshots)
+            nursery.start_soon(self.snapshots.run_builder)  # cancelled at shutdown: the builder is terminated
 
     @staticmethod
     async def _every(interval_seconds: float, job: Callable[[], None]) -> None:

@@ -1,29 +1,30 @@
 """Taking snapshots: one at a time, of durable state only, without pausing the event loop.
 
 A snapshot covers a seq that is durable already. By default (`snapshot_builder="process"`) a
-builder process (`snapshot_builder`) derives it from the previous snapshot and the log, through
-the same core, while the server goes on serving; the event loop only waits for it. On the loop
-(`"loop"`, and the final snapshot at shutdown when nothing is served) the state is copied there
-(~0.3 s per 100k reservations: a pause for every client) and written in a worker thread.
+long-lived builder process (`snapshot_builder`, run by `builder_runner`) derives it from the
+previous snapshot and the log, through the same core, while the server goes on serving; the
+event loop only waits for its reply. The builder keeps its state between snapshots, so each one
+after its first replays only the log since the previous one. On the loop (`"loop"`, and the final
+snapshot at shutdown when nothing is served) the state is copied there (~0.3 s per 100k
+reservations: a pause for every client) and written in a worker thread.
 
 Afterwards the server drops all but the newest `snapshots_kept` snapshots and trims the log
 through the oldest one it keeps (so a damaged newest snapshot can still fall back to the one
 before it), in short transactions (`trim_records_per_transaction`): each holds LMDB's writer
 lock, and so the log's commits, only briefly. A builder that fails or is killed loses nothing:
-the log has it all; it is logged and the next snapshot starts again from the last good one.
+the log has it all; it is logged and the next snapshot starts a new builder, which loads the
+newest snapshot.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
-from functools import partial
 from typing import Any, Callable
 
 import trio
 
+from .builder_runner import BuilderRunner, BuildFailed
 from .config import Config
 from .core import State
 from .pause_points import pause_point
@@ -52,7 +53,26 @@ class Snapshotter:
         self.builds = 0
         self.failures = 0
         self.last_build_seconds = 0.0
-        self.builder_pid: int | None = None  # while a builder process runs
+        self._builder = (
+            BuilderRunner(storage.path, build_seconds_max=config.snapshot_builder_seconds_max, idle_seconds=config.snapshot_builder_idle_seconds)
+            if config.snapshot_builder == "process" else None
+        )
+        # What the builders reported: snapshots they built from a loaded snapshot (a builder's
+        # first, or one whose state did not continue the log), and log records they replayed.
+        self.builder_base_loads = 0
+        self.builder_replayed_records = 0
+        self.last_builder_figures: dict[str, Any] | None = None
+
+    async def run_builder(self) -> None:
+        """Run the builder process's task (in the service nursery) until cancelled, which
+        terminates the builder; returns at once when snapshots are built on the loop."""
+        if self._builder is not None:
+            await self._builder.run()
+
+    @property
+    def builder_pid(self) -> int | None:
+        """The builder process's pid while one is alive (building, or idle holding its state)."""
+        return self._builder.pid if self._builder is not None else None
 
     async def take(self, *, on_loop: bool = False) -> int:
         """Make a snapshot covering at least every change applied so far; return its seq once
@@ -95,21 +115,25 @@ class Snapshotter:
         return snapshot["seq"]
 
     async def _build_in_process(self, through_seq: int) -> None:
-        command = [sys.executable, "-m", "engine.snapshot_builder", self._storage.path, str(through_seq), str(os.getpid())]
-        returncode: int | None = None
-        with trio.move_on_after(self._config.snapshot_builder_seconds_max) as deadline:
-            async with trio.open_nursery() as nursery:
-                # Cancelled (shutdown, the deadline), trio terminates the process and waits for it.
-                process = await nursery.start(partial(trio.run_process, command, check=False, cwd=_PACKAGE_ROOT))
-                self.builder_pid = process.pid
-                log.info("snapshot builder started (pid %d) for seq %d", process.pid, through_seq)
-                returncode = await process.wait()
-        self.builder_pid = None
-        if deadline.cancelled_caught or returncode != 0 or through_seq not in self._storage.snapshot_seqs():
+        assert self._builder is not None
+        try:
+            figures = await self._builder.build(through_seq)
+        except BuildFailed as failure:
             self.failures += 1
-            why = "took too long" if deadline.cancelled_caught else f"exited with status {returncode}"
-            log.error("snapshot builder for seq %d %s: no snapshot (nothing is lost: the log has it all)", through_seq, why)
-            raise SnapshotFailed(f"snapshot at seq {through_seq} failed: the builder {why}")
+            log.error("snapshot builder for seq %d %s: no snapshot (nothing is lost: the log has it all)", through_seq, failure)
+            raise SnapshotFailed(f"snapshot at seq {through_seq} failed: the builder {failure}") from None
+        if through_seq not in self._storage.snapshot_seqs():  # a programmer error, but the server goes on serving
+            self.failures += 1
+            log.error("snapshot builder answered for seq %d, and there is no snapshot file at that seq", through_seq)
+            raise SnapshotFailed(f"snapshot at seq {through_seq} failed: the builder's file is not there")
+        self.builder_base_loads += figures["loaded_base"]
+        self.builder_replayed_records += figures["replayed"]
+        self.last_builder_figures = figures
+        log.info(
+            "snapshot builder (pid %s) wrote seq %d in %.2f s: %s at seq %d, replayed %d records",
+            self.builder_pid, through_seq, figures["seconds"], "loaded the snapshot" if figures["loaded_base"] else "continued its state",
+            figures["start_seq"], figures["replayed"],
+        )
 
     async def _trim(self, through_seq: int) -> int:
         """Trim the log through `through_seq` (older than the log retention), a short
@@ -131,7 +155,9 @@ class Snapshotter:
             "failures": self.failures,
             "last_build_seconds": round(self.last_build_seconds, 3),
             "builder_pid": self.builder_pid,
+            "builder_starts": self._builder.starts if self._builder is not None else 0,
+            "builder_idle_stops": self._builder.idle_stops if self._builder is not None else 0,
+            "builder_base_loads": self.builder_base_loads,
+            "builder_replayed_records": self.builder_replayed_records,
+            "last_builder": self.last_builder_figures,  # the last build's figures (`builder_protocol.REPLY_FIELDS`)
         }
-
-
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `engine` imports from

@@ -207,6 +207,12 @@ class LmdbStorage:
         """The seq of the last record appended (0 for an empty log)."""
         return self._last_seq
 
+    def read_last_seq(self) -> int:
+        """`last_seq` read from the log again: what a reader in another process (a snapshot
+        builder that stays open) must do to see the records its writer appended since."""
+        self._last_seq = self._read_last_seq()
+        return self._last_seq
+
     # -- transactions and the map's growth ---------------------------------------------------
 
     @contextmanager

@@ -26,6 +26,8 @@ from engine.core import (
     check_invariants,
     held_by_stock,
 )
+from engine.core.state import RECORD_LAST_SEQ
+from engine.core.tail_check import TailCheck
 from protocol import Adjust, AdjustBatch, Commit, Count, CountBatch, Extend, Get, Line, Lookup, Query, Release, Reserve, Transfer
 
 SKUS = ("A", "B")
@@ -146,9 +148,18 @@ class CoreMachine(RuleBasedStateMachine):
     def execute(self, command, expected_types: list[str], at_least: int = 0) -> dict:
         """Apply `command` to the core; check its events, the reply's seq, and the stock rules."""
         before = {key: self.state.stock(*key).available for key in STOCKS}
+        figures_before = {key: (stock.on_hand, stock.reserved) for key, stock in self.state.stocks.items()}
+        records_before = dict(self.state.reservations)
         seq_before = self.state.seq
         state, events, reply = apply(self.state, command, self.now)
         assert state is self.state
+        # What `TailCheck` rests on: a SKU-location or a reservation that changed has a newer `last_seq`.
+        for key, stock in self.state.stocks.items():
+            if figures_before.get(key) != (stock.on_hand, stock.reserved):
+                assert stock.last_seq > seq_before, (command, key)
+        for rid, record in self.state.reservations.items():
+            if records_before.get(rid) != record:
+                assert record[RECORD_LAST_SEQ] > seq_before, (command, rid)
         assert [event["type"] for event in events] == expected_types, (command, events, plain(reply))
         for offset, event in enumerate(events, start=1):
             check_event(event)
@@ -631,6 +642,15 @@ class CoreMachine(RuleBasedStateMachine):
         assert normalized(State.from_snapshot(self.state.to_snapshot()).to_snapshot()) == expected
         wire = msgpack.unpackb(msgpack.packb(self.state.to_snapshot()), strict_map_key=False)
         assert normalized(State.from_snapshot(wire).to_snapshot()) == expected
+        # Replayed a few events at a time with the long-lived builder's check after each tail.
+        tailed = State()
+        tail_check = TailCheck(tailed)
+        tail_length = 1 + len(self.log) % 5
+        for start in range(0, len(self.log), tail_length):
+            for event in self.log[start : start + tail_length]:
+                apply_event(tailed, event)
+            tail_check.check(tailed)
+        assert normalized(tailed.to_snapshot()) == expected
         # Events survive msgpack unchanged too (the log stores them so).
         assert msgpack.unpackb(msgpack.packb(self.log)) == self.log
 

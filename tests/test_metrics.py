@@ -106,6 +106,10 @@ async def test_collector_counts_known_traffic(start_server):
             assert value(after_snapshot, "engine_snapshot_builds_total") == 1
             assert value(after_snapshot, "engine_last_snapshot_seq") == server.engine.last_snapshot_seq > 0
             assert value(after_snapshot, "engine_snapshot_duration_seconds_count") == 1
+            # The builder stays for the next snapshot, having loaded nothing (no snapshot before) and replayed the log.
+            assert value(after_snapshot, "engine_snapshot_builder_running") == 1
+            assert value(after_snapshot, "engine_snapshot_builder_starts_total") == value(after_snapshot, "engine_snapshot_builder_base_loads_total") == 1
+            assert value(after_snapshot, "engine_snapshot_builder_replayed_records_total") == server.engine.last_snapshot_seq
 
             # A count below what is reserved (3 held at S/L) is a shortage until stock arrives.
             await client.count("count-1", "S", "L", 1, "cycle count")

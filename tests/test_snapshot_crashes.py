@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.builder_protocol import parse_reply
 from engine.storage import LmdbStorage
 from protocol import Client
 from conftest import ROOT
@@ -136,6 +137,50 @@ def test_the_builder_killed_alone_loses_nothing_and_the_next_snapshot_works(serv
     assert restarted.terminate() == 0
 
 
+def test_the_second_snapshot_continues_the_live_builder_replaying_only_the_records_since(server_process, data_dir):
+    server = server_process()
+    with Client("127.0.0.1", server.port) as client, Client("127.0.0.1", server.port) as admin:
+        rids = _load(client, 500)
+        first_seq = admin.snapshot()["seq"]
+        first = admin.call("stats")["snapshots"]
+        rids += _load(client, 300, seed=1)
+        second_seq = admin.snapshot()["seq"]
+        second = admin.call("stats")["snapshots"]
+        expected = _observed(client, rids)
+    assert first["last_builder"]["loaded_base"] and first["last_builder"]["start_seq"] == 0 and first["last_builder"]["replayed"] == first_seq
+    assert second["last_builder"] == {**second["last_builder"], "loaded_base": False, "start_seq": first_seq, "replayed": second_seq - first_seq,
+                                      "load_seconds": 0, "builds": 2}
+    assert second["builder_pid"] == first["builder_pid"] is not None and second["builder_starts"] == 1
+    assert (second["builder_base_loads"], second["builder_replayed_records"], second["builds"]) == (1, second_seq, 2)
+    assert re.search(rf"snapshot at seq {second_seq} written .* continued its state at seq {first_seq}, replayed {second_seq - first_seq} records", server.log_text())
+    assert server.terminate() == 0
+    _wait_gone(first["builder_pid"])  # the shutdown stopped the idle builder
+    restarted = _restart_and_compare(server_process, data_dir, rids, expected)
+    assert restarted.terminate() == 0
+
+
+def test_a_live_builder_killed_while_idle_is_replaced_by_the_next_snapshot(server_process, data_dir):
+    server = server_process()
+    with Client("127.0.0.1", server.port) as client, Client("127.0.0.1", server.port) as admin:
+        rids = _load(client, 500)
+        admin.snapshot()
+        builder_pid = admin.call("stats")["snapshots"]["builder_pid"]
+        os.kill(builder_pid, signal.SIGKILL)
+        _wait_for(server.log_path, rf"snapshot builder \(pid {builder_pid}\) exited while idle, with status -9")
+        assert admin.call("stats")["snapshots"]["builder_pid"] is None
+        rids += _load(client, 300, seed=1)
+        snapshot_seq = admin.snapshot()["seq"]  # a new builder, which loads the newest snapshot
+        stats = admin.call("stats")["snapshots"]
+        expected = _observed(client, rids)
+        server.kill()
+    assert stats["builder_pid"] not in (None, builder_pid) and stats["builder_starts"] == 2 and stats["failures"] == 0
+    assert stats["last_builder"]["loaded_base"] and stats["last_builder"]["seq"] == snapshot_seq and stats["builder_base_loads"] == 2
+    _wait_gone(stats["builder_pid"])  # and it died with its server
+    restarted = _restart_and_compare(server_process, data_dir, rids, expected)
+    assert f"snapshot at {snapshot_seq}, replayed 0 records" in restarted.log_text()
+    assert restarted.terminate() == 0
+
+
 def test_kill_9_while_the_log_is_trimmed(server_process, data_dir, monkeypatch):
     monkeypatch.setenv("ENGINE_PAUSE_AT", "trim:30")
     server = server_process("--log-retention-days", "0")
@@ -192,15 +237,19 @@ def test_a_builder_started_from_a_thread_that_ends_keeps_running(tmp_path):
 
     def spawn() -> None:  # the thread ends right after the spawn
         started.append(subprocess.Popen(
-            [sys.executable, "-m", "engine.snapshot_builder", str(path), "1", str(os.getpid())],
-            cwd=ROOT, env={**os.environ, "ENGINE_PAUSE_AT": "snapshot-write:1.5"}, stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "engine.snapshot_builder", str(path), str(os.getpid())],
+            cwd=ROOT, env={**os.environ, "ENGINE_PAUSE_AT": "snapshot-write:1.5"},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         ))
 
     spawner = threading.Thread(target=spawn)
     spawner.start()
     spawner.join()
     try:
-        assert started[0].wait(timeout=20) == 0
+        reply, _ = started[0].communicate(b"build 1\n", timeout=20)  # then the end of its input: it exits
+        assert started[0].returncode == 0
+        figures = parse_reply(reply.rstrip(b"\n"))
+        assert figures["seq"] == 1 and figures["loaded_base"] and figures["replayed"] == 1
     finally:
         if started[0].poll() is None:
             started[0].kill()

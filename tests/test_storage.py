@@ -8,7 +8,9 @@ import msgpack
 import pytest
 import trio
 
-from engine.snapshot_files import SnapshotFileDamaged, file_name
+import engine.snapshot_files
+from engine.core import State, apply_event
+from engine.snapshot_files import SnapshotFileDamaged, SnapshotFiles, file_name, packed_pieces
 from engine.storage import LmdbStorage, StorageError
 from protocol import ServerError, open_trio_client
 
@@ -163,6 +165,41 @@ def test_a_damaged_snapshot_file_is_skipped_for_the_one_before_it(storage):
     assert storage.latest_snapshot()["seq"] == 3
     with pytest.raises(SnapshotFileDamaged):
         storage.snapshot_at(5)
+
+
+def _state_with(stocks: int, reservations: int) -> State:
+    state = State()
+    seq = 0
+    for number in range(stocks):
+        seq += 1
+        apply_event(state, {"seq": seq, "ts_ms": seq, "type": "adjusted", "key": f"k{number}", "sku": f"s{number}", "loc": "l", "delta": 5, "reason": "receipt"})
+    for number in range(reservations):
+        seq += 1
+        lines = [{"sku": f"s{number % stocks}", "loc": "l", "qty": 1}]
+        apply_event(state, {"seq": seq, "ts_ms": seq, "type": "reserved", "rid": f"r{number}", "lines": lines, "ttl_ms": 1000, "expires_at_ms": None, "ref": None})
+    return state
+
+
+@pytest.mark.parametrize("items_per_piece", [1, 3, 16, 8192])
+def test_a_snapshot_packed_in_pieces_is_byte_for_byte_the_one_packed_whole(monkeypatch, items_per_piece):
+    monkeypatch.setattr(engine.snapshot_files, "ITEMS_PER_PIECE", items_per_piece)
+    state = _state_with(40, 70_000)  # arrays under 16 items, under 65,536 and over: each msgpack array header size
+    whole = msgpack.packb(state.to_snapshot(), use_bin_type=True)
+    assert b"".join(packed_pieces(state.to_snapshot_arrays())) == whole
+    assert b"".join(packed_pieces(state.to_snapshot())) == whole
+    assert b"".join(packed_pieces({"format": 3, "seq": 0, "stocks": [], "reservations": [], "keys": []})) == msgpack.packb(
+        {"format": 3, "seq": 0, "stocks": [], "reservations": [], "keys": []}, use_bin_type=True)
+
+
+def test_a_snapshot_written_in_pieces_reads_back_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine.snapshot_files, "WRITE_CHUNK_BYTES", 4096)  # many synced pieces
+    state = _state_with(300, 2000)
+    files = SnapshotFiles(str(tmp_path / "snapshots"))
+    size_bytes = files.write(state.to_snapshot_arrays())
+    assert size_bytes == os.path.getsize(tmp_path / "snapshots" / file_name(state.seq)) > 10 * 4096
+    assert files.read(state.seq) == msgpack.unpackb(msgpack.packb(state.to_snapshot(), use_bin_type=True), raw=False, strict_map_key=False)
+    assert State.from_snapshot(files.read(state.seq)).to_snapshot() == state.to_snapshot()
+    assert os.listdir(tmp_path / "snapshots") == [file_name(state.seq)]  # no partial file left
 
 
 def test_snapshots_stored_in_lmdb_by_earlier_versions_are_read_listed_and_pruned(storage):

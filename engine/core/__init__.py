@@ -14,6 +14,7 @@ from .state import (
     RECORD_STATE,
     KeyRecord,
     Reservation,
+    SnapshotArray,
     State,
     Stock,
     StockKey,

@@ -10,7 +10,7 @@ import hashlib
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import msgpack
 
@@ -185,6 +185,14 @@ def packed_key_at_ms(data: bytes) -> int:
     return _KEY_RECORD_HEAD.unpack_from(data)[1]
 
 
+class SnapshotArray(NamedTuple):
+    """One long array of a snapshot (`State.to_snapshot_arrays`): its length and its items,
+    produced as they are iterated (once)."""
+
+    length: int
+    items: Iterator[Any]
+
+
 @dataclass(slots=True)
 class State:
     seq: int = 0  # seq of the last applied event
@@ -242,12 +250,18 @@ class State:
 
     def to_snapshot(self) -> dict[str, Any]:
         """Plain, immutable-by-construction data (lists of tuples) describing the whole state."""
+        return {name: list(value.items) if isinstance(value, SnapshotArray) else value for name, value in self.to_snapshot_arrays().items()}
+
+    def to_snapshot_arrays(self) -> dict[str, Any]:
+        """`to_snapshot` with its long lists given as `SnapshotArray`s (a length and an iterator),
+        so that a writer packs them a piece at a time instead of holding lists of millions of
+        tuples and their whole encoding at once. Iterate them before the state changes."""
         return {
             "format": SNAPSHOT_FORMAT,
             "seq": self.seq,
-            "stocks": [(sku, loc, s.on_hand, s.reserved, s.last_seq) for (sku, loc), s in self.stocks.items()],
-            "reservations": list(self.reservations.values()),  # flat records (see `Reservation`)
-            "keys": list(self.keys.items()),  # (key, packed KeyRecord)
+            "stocks": SnapshotArray(len(self.stocks), ((sku, loc, s.on_hand, s.reserved, s.last_seq) for (sku, loc), s in self.stocks.items())),
+            "reservations": SnapshotArray(len(self.reservations), iter(self.reservations.values())),  # flat records (see `Reservation`)
+            "keys": SnapshotArray(len(self.keys), iter(self.keys.items())),  # (key, packed KeyRecord)
         }
 
     @classmethod
