@@ -677,6 +677,74 @@ def test_forget_keeps_what_closed_or_was_used_exactly_at_the_cutoff():
     assert sorted(state.reservations) == ["r-cutoff"] and sorted(state.keys) == ["k-cutoff"]
 
 
+class _CountingReservations(dict):
+    """Counts the reservations forgetting looks at, by key or by iteration."""
+
+    looked_at = 0
+
+    def get(self, key, default=None):
+        _CountingReservations.looked_at += 1
+        return super().get(key, default)
+
+    def items(self):
+        for item in super().items():
+            _CountingReservations.looked_at += 1
+            yield item
+
+    def values(self):
+        for value in super().values():
+            _CountingReservations.looked_at += 1
+            yield value
+
+
+def test_forget_looks_only_at_reservations_closed_long_enough_ago():
+    state = stocked(("A", "X", 10_000))
+    for index in range(1_000):  # held: never forgotten, and never looked at by forgetting
+        ok(state, Reserve(f"held-{index}", (L("A", "X", 1),)), now=NOW)
+    for rid, closed_at in (("early-1", NOW + 1), ("early-2", NOW + 2), ("early-3", NOW + 3), ("late-1", NOW + 500), ("late-2", NOW + 501)):
+        ok(state, Reserve(rid, (L("A", "X", 1),)), now=NOW)
+        ok(state, Release(rid), now=closed_at)
+    state.reservations = _CountingReservations(state.reservations)
+    _CountingReservations.looked_at = 0
+    _, events, reply = apply(state, Forget(closed_before_ms=NOW + 100, limit=100), NOW + 600)
+    # A handful (the three, the first one too recent, the front of the close order after),
+    # not the 1,000 held ones.
+    assert _CountingReservations.looked_at < 20
+    check_invariants(state)
+    assert (reply["rids"], reply["keys"]) == (3, 1)
+    assert events[0]["rids"] == ["early-1", "early-2", "early-3"]  # oldest first
+    assert list(state.closed_order) == ["late-1", "late-2"]
+
+
+def test_forget_a_rid_reserved_again_after_it_was_forgotten():
+    state = stocked(("A", "X", 100))
+    ok(state, Reserve("r", (L("A", "X", 1),)), now=NOW)
+    ok(state, Release("r"), now=NOW + 10)
+    assert ok(state, Forget(closed_before_ms=NOW + 11, limit=10), now=NOW + 11)["rids"] == 1
+    ok(state, Reserve("r", (L("A", "X", 2),)), now=NOW + 20)
+    ok(state, Reserve("other", (L("A", "X", 1),)), now=NOW + 20)
+    assert ok(state, Forget(closed_before_ms=NOW + 1_000, limit=10), now=NOW + 1_000)["rids"] == 0  # both held
+    ok(state, Release("other"), now=NOW + 30)
+    ok(state, Release("r"), now=NOW + 40)
+    assert ok(state, Forget(closed_before_ms=NOW + 35, limit=10), now=NOW + 1_000)["rids"] == 1  # only "other"
+    assert sorted(state.reservations) == ["r"]
+    reply, events = do(state, Forget(closed_before_ms=NOW + 41, limit=10), now=NOW + 1_000)
+    assert reply["rids"] == 1 and events[0]["rids"] == ["r"]
+    assert state.reservations == {} and not state.closed_order
+
+
+def test_a_state_from_a_snapshot_forgets_in_the_order_reservations_closed():
+    state = stocked(("A", "X", 100))
+    for rid, closed_at in (("c", NOW + 30), ("a", NOW + 10), ("b", NOW + 20)):
+        ok(state, Reserve(rid, (L("A", "X", 1),)), now=NOW)
+    for rid, closed_at in (("b", NOW + 20), ("a", NOW + 10), ("c", NOW + 30)):
+        ok(state, Release(rid), now=closed_at)
+    restored = State.from_snapshot(state.to_snapshot())
+    assert list(restored.closed_order) == ["a", "b", "c"]
+    reply, events = do(restored, Forget(closed_before_ms=NOW + 25, limit=10), now=NOW + 100)
+    assert events[0]["rids"] == ["a", "b"] and sorted(restored.reservations) == ["c"]
+
+
 def test_forget_respects_its_limit():
     state = State()
     for index in range(5):

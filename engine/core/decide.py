@@ -255,13 +255,7 @@ def _expire(context: _Context, command: Expire) -> Reply:
 
 def _forget(context: _Context, command: Forget) -> Reply:
     cutoff_ms = command.closed_before_ms
-    rids = list(islice(
-        (
-            rid for rid, record in context.state.reservations.items()
-            if record[RECORD_STATE] != HELD and record[RECORD_CLOSED_AT_MS] is not None and record[RECORD_CLOSED_AT_MS] < cutoff_ms
-        ),
-        command.limit,
-    ))
+    rids = _closed_before(context.state, cutoff_ms, command.limit)
     # Keys are remembered in the order they were used, so the old ones come first: stop at the
     # first recent one instead of scanning them all (a clock that stepped back only makes a key
     # wait longer to be forgotten, never shorter).
@@ -274,6 +268,30 @@ def _forget(context: _Context, command: Forget) -> Reply:
     if rids or keys:
         context.emit(FORGOTTEN, rids=rids, keys=keys)
     return _ok(context.state.seq, rids=len(rids), keys=len(keys))
+
+
+def _closed_before(state: State, cutoff_ms: int, limit: int) -> list[str]:
+    """Up to `limit` rids of reservations closed before `cutoff_ms`, oldest first, read from the
+    close order: it stops at the first one closed at or after the cutoff (a clock that stepped
+    back only makes a reservation wait longer to be forgotten, never shorter), and skips stale
+    entries, at most `limit` of them per call, so one call's work is bounded either way."""
+    rids: dict[str, None] = {}  # a rid closed twice (forgotten and reserved again) is listed once
+    stale_left = limit
+    reservations = state.reservations
+    for rid in state.closed_order:
+        record = reservations.get(rid)
+        if record is None or record[RECORD_STATE] == HELD:
+            stale_left -= 1
+            if stale_left < 0:
+                break
+            continue
+        closed_at_ms = record[RECORD_CLOSED_AT_MS]
+        if closed_at_ms is None or closed_at_ms >= cutoff_ms:
+            break
+        rids[rid] = None
+        if len(rids) >= limit:
+            break
+    return list(rids)
 
 
 # -- stock -----------------------------------------------------------------------------------

@@ -140,6 +140,7 @@ def _close(state: State, event: Event, new_state: str, committed: tuple | None) 
             body[index * RECORD_PER_LINE + 4] = shipped
     head = record[:RECORD_STATE] + (new_state, event["ts_ms"], seq, committed is not None)
     state.reservations[event["rid"]] = head + (record[RECORD_HEAD:] if body is None else tuple(body))
+    state.closed_order.append(record[0])
 
 
 def _apply_released(state: State, event: Event) -> None:
@@ -253,6 +254,18 @@ def _apply_forgotten(state: State, event: Event) -> None:
         assert record[RECORD_STATE] != HELD, f"event {event['seq']}: forgot held reservation {rid!r}"
     for key in event["keys"]:
         del state.keys[key]
+    drop_stale_closed(state)
+
+
+def drop_stale_closed(state: State) -> None:
+    """Drop the entries at the front of `state.closed_order` that no longer name a closed
+    reservation (forgotten, or forgotten and reserved again: its next close appends it anew)."""
+    closed_order, reservations = state.closed_order, state.reservations
+    while closed_order:
+        record = reservations.get(closed_order[0])
+        if record is not None and record[RECORD_STATE] != HELD:
+            return
+        closed_order.popleft()
 
 
 _APPLIERS: dict[str, Callable[[State, Event], None]] = {
