@@ -151,6 +151,59 @@ def test_an_empty_storage_can_continue_after_a_seq(storage):
         storage.continue_after(20)
 
 
+def _mapped_bytes(path: str) -> int:
+    """Resident bytes of this process's mappings of the LMDB data file in `path` (smaps)."""
+    data_file = os.path.realpath(os.path.join(path, "data.mdb"))
+    mapped_kib, in_data_file, found = 0, False, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                in_data_file = len(fields) >= 6 and fields[5] == data_file
+                found = found or in_data_file
+            elif in_data_file and fields[0] == "Rss:":
+                mapped_kib += int(fields[1])
+    assert found, f"{data_file} is not mapped"
+    return mapped_kib * 1024
+
+
+def _big_events(first_seq: int, count: int, size_bytes: int) -> list[dict]:
+    return [{**_event(seq), "reason": "x" * size_bytes} for seq in range(first_seq, first_seq + count)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_the_map_pages_a_process_read_are_released(tmp_path):
+    path = str(tmp_path / "lmdb")
+    storage = LmdbStorage(path, 64 * 1024**2, map_release_after_bytes=1024**3)  # never on its own here
+    try:
+        for first_seq in range(1, 81):
+            storage.append(_big_events(first_seq, 1, 100_000))
+        assert len(storage.read(1, 100)) == 80  # reads every page through the map
+        assert _mapped_bytes(path) >= 7 * 1024**2  # 80 entries of ~100 KB
+        storage.release_map_pages()
+        assert _mapped_bytes(path) < 1024**2
+        assert [event["seq"] for event in storage.read(79, 10)] == [79, 80]  # the map reads on
+    finally:
+        storage.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_commits_release_the_map_pages_every_so_many_bytes(tmp_path):
+    path = str(tmp_path / "lmdb")
+    storage = LmdbStorage(path, 64 * 1024**2, map_release_after_bytes=1024**2)
+    try:
+        for first_seq in range(1, 81):  # ~8 MB of log, one entry of ~100 KB per commit
+            storage.append(_big_events(first_seq, 1, 100_000))
+        assert storage.map_releases == 7
+        # Every commit reads the B-tree's last pages, and the kernel maps in their neighbours,
+        # the pages just written: what is mapped now is at most what was written since the last
+        # release, and the pages around the few the commits read.
+        assert _mapped_bytes(path) < 2 * 1024**2
+        assert [event["seq"] for event in storage.read(1, 100)] == list(range(1, 81))
+    finally:
+        storage.close()
+
+
 def test_a_damaged_snapshot_file_is_skipped_for_the_one_before_it(storage):
     storage.append([_event(seq) for seq in range(1, 6)])
     for seq in (3, 5):
