@@ -171,7 +171,7 @@ def test_count_batch_sets_every_line_in_one_event_and_replies_per_line() -> None
         {"sku": "B", "loc": "X", "on_hand": 0, "reserved": 0, "available": 0, "variance": 0},
     ]}
     assert figures(state, "A", "Y") == (3, 0, 3)
-    assert state.locations["A"] == ["X", "Y"]
+    assert state.locations_of("A") == ["X", "Y"]
     # Every line's SKU-location carries the batch's seq.
     assert state.stock("B", "X").last_seq == state.stock("A", "X").last_seq == reply["seq"] == state.seq
 
@@ -318,6 +318,18 @@ def test_a_key_record_packs_and_unpacks_and_costs_no_more_than_its_figures() -> 
     state = State()
     do(state, Adjust("k", "A", "X", 5, "receipt"))
     assert isinstance(state.keys["k"], bytes) and len(state.keys["k"]) == 48
+
+
+def test_the_locations_of_a_sku_share_one_string_object_for_it() -> None:
+    state = State()
+    skus = ["".join(["SKU-", "1"]) for _ in range(3)]  # equal and distinct, as decoded from frames
+    assert skus[0] is not skus[1]
+    for index, (sku, loc) in enumerate(zip(skus, ("X", "Y", "Z"))):
+        do(state, Adjust(f"k{index}", sku, loc, 1, "receipt"))
+    (first, *others) = state.stocks
+    assert all(key[0] is first[0] for key in others) and len(others) == 2
+    assert state.stock_keys_by_sku["SKU-1"] == list(state.stocks) and state.locations_of("SKU-1") == ["X", "Y", "Z"]
+    check_invariants(state)
 
 
 @pytest.mark.parametrize(
