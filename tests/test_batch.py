@@ -7,13 +7,16 @@ the single keyed ops, and the conversion of format 1 snapshots.
 
 from __future__ import annotations
 
+import struct
+import sys
 from typing import Any
 
 import msgpack
 import pytest
 
 from engine.core import KeyRecord, State, apply, apply_event, check_event, check_invariants
-from engine.core.state import SNAPSHOT_FORMAT
+from engine.core.state import SNAPSHOT_FORMAT, packed_key_at_ms
+from engine.shell.verify import contents_of_snapshot, contents_of_state
 from protocol import (
     LINES_PER_BATCH_MAX,
     MAX_FRAME_BYTES,
@@ -299,7 +302,7 @@ def test_replay_of_batch_events_reproduces_the_state_and_snapshots_round_trip() 
         apply_event(replayed, event)
     assert replayed.to_snapshot() == state.to_snapshot()
     snapshot = msgpack.unpackb(msgpack.packb(state.to_snapshot(), use_bin_type=True), raw=False, strict_map_key=False)
-    assert snapshot["format"] == SNAPSHOT_FORMAT == 3
+    assert snapshot["format"] == SNAPSHOT_FORMAT == 4
     restored = State.from_snapshot(snapshot)
     assert restored.to_snapshot() == state.to_snapshot()
     # The restored state answers retries exactly as the original does.
@@ -313,11 +316,17 @@ def test_replay_of_batch_events_reproduces_the_state_and_snapshots_round_trip() 
 def test_a_key_record_packs_and_unpacks_and_costs_no_more_than_its_figures() -> None:
     record = KeyRecord(b"\x01" * 16, 1_700_000_000_000, 12, (5, -3))
     packed = record.pack()
-    assert isinstance(packed, bytes) and len(packed) == 32 + 16
-    assert KeyRecord.unpack(packed) == record
+    assert isinstance(packed, bytes) and len(packed) == 30 + 16
+    assert KeyRecord.unpack(packed) == record and packed_key_at_ms(packed) == record.at_ms
+    for at_ms in (0, (1 << 32) - 1, 1 << 32, (1 << 48) - 1):  # the 6 bytes of at_ms, at their edges
+        assert KeyRecord.unpack(record._replace(at_ms=at_ms).pack()).at_ms == at_ms
+    with pytest.raises(AssertionError):
+        record._replace(at_ms=1 << 48).pack()
     state = State()
     do(state, Adjust("k", "A", "X", 5, "receipt"))
-    assert isinstance(state.keys["k"], bytes) and len(state.keys["k"]) == 48
+    assert isinstance(state.keys["k"], bytes) and len(state.keys["k"]) == 46
+    # 46 bytes: a bytes object of 79, one 80-byte block of the allocator (48: 81, a 96-byte block).
+    assert sys.getsizeof(state.keys["k"]) <= 80
 
 
 def test_the_locations_of_a_sku_share_one_string_object_for_it() -> None:
@@ -389,9 +398,26 @@ def test_a_format_1_snapshot_is_converted_and_its_keys_still_answer_retries() ->
     assert State.from_snapshot(state.to_snapshot()).to_snapshot() == state.to_snapshot()
 
 
+def test_a_format_3_snapshot_is_converted_and_its_keys_still_answer_retries() -> None:
+    state = State()
+    run_script(state, SCRIPT, [])
+    snapshot = state.to_snapshot()
+    # Format 3 packed the key records with an 8-byte at_ms.
+    old_keys = []
+    for key, packed in snapshot["keys"]:
+        record = KeyRecord.unpack(packed)
+        old_keys.append((key, struct.pack(f"<16sqq{len(record.figures)}q", record.fingerprint, record.at_ms, record.last_seq, *record.figures)))
+    format_3 = msgpack.unpackb(msgpack.packb({**snapshot, "format": 3, "keys": old_keys}), strict_map_key=False)
+    restored = State.from_snapshot(format_3)
+    assert restored.to_snapshot() == snapshot
+    assert contents_of_snapshot(format_3) == contents_of_state(state)  # what the shell's `verify` compares
+    for command in SCRIPT:
+        assert apply(restored, command, NOW + 999)[2] == apply(state, command, NOW + 999)[2]
+
+
 def test_an_unknown_snapshot_format_is_refused() -> None:
     with pytest.raises(ValueError, match="unsupported snapshot format"):
-        State.from_snapshot({**FORMAT_1_SNAPSHOT, "format": 4})
+        State.from_snapshot({**FORMAT_1_SNAPSHOT, "format": SNAPSHOT_FORMAT + 1})
 
 
 def test_query_lists_locations_sorted_whatever_order_they_appeared_in() -> None:

@@ -21,9 +21,11 @@ EXPIRED = "expired"
 RESERVATION_STATES = (HELD, COMMITTED, RELEASED, EXPIRED)
 
 # 2: a used key is a packed `KeyRecord` (bytes), not its fingerprint tuple and reply map.
-# Format 1 snapshots are still read (converted on load), so existing data folders start.
-SNAPSHOT_FORMAT = 3  # 3: reservations as their flat records; 2: nested, keys packed; 1: keys with replies
-SNAPSHOT_FORMATS_READ = (1, 2, 3)
+# Older snapshots are still read (converted on load), so existing data folders start.
+# 4: key records with a 6-byte at_ms; 3: reservations as their flat records; 2: nested, keys
+# packed; 1: keys with replies.
+SNAPSHOT_FORMAT = 4
+SNAPSHOT_FORMATS_READ = (1, 2, 3, 4)
 
 StockKey = tuple[str, str]  # (sku, loc)
 LineTuple = tuple[str, str, int]  # (sku, loc, qty)
@@ -137,7 +139,14 @@ def fingerprint(*payload: Any) -> bytes:
     return hashlib.blake2b(msgpack.packb(payload, use_bin_type=True), digest_size=FINGERPRINT_BYTES).digest()
 
 
-_KEY_RECORD_HEAD = struct.Struct("<16sqq")  # fingerprint, at_ms, last_seq
+# fingerprint, at_ms in 6 bytes (its low 32 bits, then its high 16: up to the year 10889),
+# last_seq; then the figures, 8 bytes each. A single adjust or count packs into 46 bytes, a bytes
+# object of 79, which the allocator serves from an 80-byte block (it hands out multiples of 16);
+# with an 8-byte at_ms (snapshot formats 2 and 3) it was 81 bytes, a 96-byte block.
+_KEY_RECORD_HEAD = struct.Struct("<16sIHq")
+_KEY_RECORD_AT_MS = struct.Struct("<IH")  # at 16
+_AT_MS_LIMIT = 1 << 48
+_KEY_RECORD_HEAD_FORMAT_3 = struct.Struct("<16sqq")  # fingerprint, at_ms, last_seq (formats 2, 3)
 
 
 class KeyRecord(NamedTuple):
@@ -148,8 +157,8 @@ class KeyRecord(NamedTuple):
     the `figures` after the change (per op: see `engine.core.events`). A retry carries the same
     payload, so the names in the original reply come from the retry itself.
 
-    In `State.keys` a record is kept packed (`pack`): one bytes object of 32 + 8 x figures
-    bytes, about 90 bytes of memory for a single op, instead of a reply map and a tuple.
+    In `State.keys` a record is kept packed (`pack`): one bytes object of 30 + 8 x figures
+    bytes, 80 bytes of memory for a single adjust or count, instead of a reply map and a tuple.
     """
 
     fingerprint: bytes
@@ -159,13 +168,15 @@ class KeyRecord(NamedTuple):
 
     def pack(self) -> bytes:
         # int64 figures: on_hand grows by at most 2^31 per change, so this bound is never near.
-        return _key_record_struct(len(self.figures)).pack(self.fingerprint, self.at_ms, self.last_seq, *self.figures)
+        at_ms = self.at_ms
+        assert 0 <= at_ms < _AT_MS_LIMIT, f"key record at_ms {at_ms} is not a time since 1970 in 48 bits"
+        return _key_record_struct(len(self.figures)).pack(self.fingerprint, at_ms & 0xFFFF_FFFF, at_ms >> 32, self.last_seq, *self.figures)
 
     @classmethod
     def unpack(cls, data: bytes) -> "KeyRecord":
         """The record packed in `data`."""
-        fingerprint_bytes, at_ms, last_seq, *figures = _key_record_struct((len(data) - _KEY_RECORD_HEAD.size) // 8).unpack(data)
-        return cls(fingerprint_bytes, at_ms, last_seq, tuple(figures))
+        fingerprint_bytes, at_ms_low, at_ms_high, last_seq, *figures = _key_record_struct((len(data) - _KEY_RECORD_HEAD.size) // 8).unpack(data)
+        return cls(fingerprint_bytes, at_ms_high << 32 | at_ms_low, last_seq, tuple(figures))
 
 
 _KEY_RECORD_STRUCTS: dict[int, struct.Struct] = {}
@@ -176,13 +187,22 @@ def _key_record_struct(figure_count: int) -> struct.Struct:
     # at most LINES_PER_BATCH_MAX + 1 layouts (a few hundred bytes each).
     layout = _KEY_RECORD_STRUCTS.get(figure_count)
     if layout is None:
-        layout = _KEY_RECORD_STRUCTS[figure_count] = struct.Struct(f"<16sqq{figure_count}q")
+        layout = _KEY_RECORD_STRUCTS[figure_count] = struct.Struct(f"<16sIHq{figure_count}q")
     return layout
 
 
 def packed_key_at_ms(data: bytes) -> int:
     """`at_ms` of a packed `KeyRecord`, without unpacking the rest (forgetting scans every key)."""
-    return _KEY_RECORD_HEAD.unpack_from(data)[1]
+    at_ms_low, at_ms_high = _KEY_RECORD_AT_MS.unpack_from(data, 16)
+    return at_ms_high << 32 | at_ms_low
+
+
+def key_record_from_format_3(data: bytes) -> bytes:
+    """A key record as snapshot formats 2 and 3 packed it (an 8-byte at_ms), packed as now."""
+    figure_count, rest = divmod(len(data) - _KEY_RECORD_HEAD_FORMAT_3.size, 8)
+    assert figure_count >= 0 and rest == 0, f"a key record of {len(data)} bytes"
+    fingerprint_bytes, at_ms, last_seq, *figures = struct.unpack(f"<16sqq{figure_count}q", data)
+    return KeyRecord(fingerprint_bytes, at_ms, last_seq, tuple(figures)).pack()
 
 
 @dataclass(slots=True)
@@ -263,7 +283,7 @@ class State:
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any]) -> "State":
-        """The state a snapshot describes (format 3, or formats 1 and 2 converted)."""
+        """The state a snapshot describes (format 4, or formats 1 to 3 converted)."""
         if data.get("format") not in SNAPSHOT_FORMATS_READ:
             raise ValueError(f"unsupported snapshot format {data.get('format')!r}")
         state = cls(seq=data["seq"])
@@ -286,9 +306,13 @@ class State:
         if data["format"] == 1:
             for key, old_fingerprint, reply, at_ms, last_seq in data["keys"]:
                 state.keys[key] = _key_record_from_format_1(old_fingerprint, reply, at_ms, last_seq).pack()
+        elif data["format"] < 4:
+            for key, packed in data["keys"]:
+                assert isinstance(packed, bytes), f"key {key!r}: bad record"
+                state.keys[key] = key_record_from_format_3(packed)
         else:
             for key, packed in data["keys"]:
-                assert isinstance(packed, bytes) and len(packed) >= _KEY_RECORD_HEAD.size, f"key {key!r}: bad record"
+                assert isinstance(packed, bytes) and len(packed) >= _KEY_RECORD_HEAD.size and (len(packed) - _KEY_RECORD_HEAD.size) % 8 == 0, f"key {key!r}: bad record"
                 state.keys[key] = packed
         state.held_reservations, state.held_units = count_held(state)
         check_invariants(state)
