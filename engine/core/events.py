@@ -19,6 +19,8 @@ from .state import (
     RECORD_PER_LINE,
     RECORD_STATE,
     RELEASED,
+    SHARED_INT_MAX,
+    SHARED_INTS,
     KeyRecord,
     State,
     fingerprint,
@@ -200,6 +202,7 @@ def _apply_counted(state: State, event: Event) -> None:
 def _apply_adjusted_batch(state: State, event: Event) -> None:
     seq = event["seq"]
     stocks = state.stocks  # the loops below run per line of up to thousands: locals, no calls
+    shared_ints = SHARED_INTS  # `shared_int`, written out
     lines = []
     figures: list[int] = []
     for line in event["lines"]:
@@ -207,7 +210,8 @@ def _apply_adjusted_batch(state: State, event: Event) -> None:
         stock = stocks.get((sku, loc))
         if stock is None:
             stock = state.stock_for_update(sku, loc)
-        stock.on_hand = shared_int(stock.on_hand + delta)
+        on_hand = stock.on_hand + delta
+        stock.on_hand = shared_ints[on_hand] if 0 <= on_hand <= SHARED_INT_MAX else on_hand
         assert stock.on_hand >= 0, f"event {seq}: on_hand below zero at {(sku, loc)}"
         stock.last_seq = seq
         lines.append((sku, loc, delta))
@@ -219,6 +223,7 @@ def _apply_adjusted_batch(state: State, event: Event) -> None:
 def _apply_counted_batch(state: State, event: Event) -> None:
     seq = event["seq"]
     stocks = state.stocks
+    shared_ints = SHARED_INTS
     lines = []
     figures: list[int] = []
     for line in event["lines"]:
@@ -227,7 +232,7 @@ def _apply_counted_batch(state: State, event: Event) -> None:
         if stock is None:
             stock = state.stock_for_update(sku, loc)
         assert stock.on_hand + variance == on_hand, f"event {seq}: variance does not match at {(sku, loc)}"
-        stock.on_hand = shared_int(on_hand)
+        stock.on_hand = shared_ints[on_hand] if 0 <= on_hand <= SHARED_INT_MAX else on_hand
         stock.last_seq = seq
         lines.append((sku, loc, on_hand))
         figures.append(stock.reserved)

@@ -54,12 +54,12 @@ ZERO_STOCK = Stock()
 # SKU-locations holding 1 to 1000 units). `shared_int` shares those up to 4095 too, from one
 # table (160 KiB); `events` stores every new `on_hand` through it.
 SHARED_INT_MAX = 4095
-_SHARED_INTS = tuple(range(SHARED_INT_MAX + 1))
+SHARED_INTS = tuple(range(SHARED_INT_MAX + 1))
 
 
 def shared_int(value: int) -> int:
     """`value`, as the one shared object for it when it is in 0..SHARED_INT_MAX."""
-    return _SHARED_INTS[value] if 0 <= value <= SHARED_INT_MAX else value
+    return SHARED_INTS[value] if 0 <= value <= SHARED_INT_MAX else value
 
 
 class Reservation(NamedTuple):
