@@ -15,7 +15,7 @@ import msgpack
 import pytest
 
 from engine.core import KeyRecord, State, apply, apply_event, check_event, check_invariants
-from engine.core.state import SNAPSHOT_FORMAT, packed_key_at_ms
+from engine.core.state import SHARED_INT_MAX, SNAPSHOT_FORMAT, packed_key_at_ms
 from engine.shell.verify import contents_of_snapshot, contents_of_state
 from protocol import (
     LINES_PER_BATCH_MAX,
@@ -339,6 +339,22 @@ def test_the_locations_of_a_sku_share_one_string_object_for_it() -> None:
     assert all(key[0] is first[0] for key in others) and len(others) == 2
     assert state.stock_keys_by_sku["SKU-1"] == list(state.stocks) and state.locations_of("SKU-1") == ["X", "Y", "Z"]
     check_invariants(state)
+
+
+def test_on_hand_up_to_the_shared_bound_is_one_int_object_whatever_set_it() -> None:
+    state = State()
+    thousand = [int(str(1000)) for _ in range(4)]  # equal and distinct, as decoded from frames
+    assert thousand[0] is not thousand[1]
+    do(state, CountBatch("k1", (("A", "X", thousand[0]),), None))
+    do(state, AdjustBatch("k2", (("B", "X", thousand[1]),), "receipt"))
+    do(state, Adjust("k3", "C", "X", thousand[2], "receipt"))
+    do(state, Count("k4", "D", "X", thousand[3]))
+    restored = State.from_snapshot(msgpack.unpackb(msgpack.packb(state.to_snapshot()), strict_map_key=False))
+    values = [s.stock(sku, "X").on_hand for s in (state, restored) for sku in "ABCD"]
+    assert values == [1000] * 8 and all(value is values[0] for value in values)
+    beyond = SHARED_INT_MAX + 1
+    do(state, Adjust("k5", "E", "X", beyond, "receipt"))
+    assert state.stock("E", "X").on_hand == beyond
 
 
 @pytest.mark.parametrize(
