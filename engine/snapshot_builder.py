@@ -51,8 +51,8 @@ def build_snapshot(lmdb_path: str, through_seq: int) -> dict[str, float]:
     started = time.monotonic()
     storage = LmdbStorage(lmdb_path, 0, read_only=True)
     try:
-        base = storage.latest_snapshot_through(through_seq)
-        state = State.from_snapshot(base) if base is not None else State()
+        base = storage.latest_snapshot_sections(through_seq)  # read a record at a time
+        state = State.from_snapshot_sections(*base) if base is not None else State()
         base_seq = state.seq
         loaded_seconds = time.monotonic() - started
         replayed = replay_log(storage, state, through_seq)

@@ -25,6 +25,7 @@ import lmdb
 import msgpack
 
 from .core import Event, check_event
+from .core.state import SNAPSHOT_SECTIONS
 from .snapshot_files import SnapshotFileDamaged, SnapshotFiles
 
 log = logging.getLogger("engine.storage")
@@ -509,6 +510,25 @@ class LmdbStorage:
         """The newest whole snapshot at or before `seq` (a builder's base), or None."""
         return self._newest_whole_snapshot([candidate for candidate in self.snapshot_seqs() if candidate <= seq])
 
+    def latest_snapshot_sections(self, through_seq: int | None = None) -> tuple[dict[str, Any], Iterator[tuple[str, Any]]] | None:
+        """The newest whole snapshot (at or before `through_seq`) as `State.from_snapshot_sections`
+        reads it, `(head, sections)`, or None; a damaged file is skipped (logged) for the one
+        before it. A file's records are decoded as they are read (`SnapshotFiles.read_sections`);
+        a snapshot stored in the environment by an earlier version is decoded whole."""
+        seqs = self.snapshot_seqs()
+        for seq in reversed(seqs if through_seq is None else [candidate for candidate in seqs if candidate <= through_seq]):
+            try:
+                read = self._files.read_sections(seq)
+            except SnapshotFileDamaged as damaged:
+                log.warning("skipping a damaged snapshot: %s", damaged)
+                continue
+            if read is not None:
+                return read
+            snapshot = self._stored_snapshot(seq)
+            if snapshot is not None:
+                return snapshot, ((name, snapshot[name]) for name in SNAPSHOT_SECTIONS)
+        return None
+
     def _newest_whole_snapshot(self, seqs: list[int]) -> dict[str, Any] | None:
         for seq in reversed(seqs):
             try:
@@ -524,10 +544,13 @@ class LmdbStorage:
         """The snapshot at `seq` (a file, else one stored in the environment), or None.
         `SnapshotFileDamaged` when its file does not read back whole."""
         snapshot = self._files.read(seq)
-        if snapshot is None:
-            with self._reading(self._snapshots) as txn:
-                data = txn.get(_key(seq))
-            snapshot = None if data is None else _unpack(data)
+        return snapshot if snapshot is not None else self._stored_snapshot(seq)
+
+    def _stored_snapshot(self, seq: int) -> dict[str, Any] | None:
+        """The snapshot at `seq` an earlier version stored in the environment, or None."""
+        with self._reading(self._snapshots) as txn:
+            data = txn.get(_key(seq))
+        snapshot = None if data is None else _unpack(data)
         if snapshot is not None:
             assert snapshot["seq"] == seq, f"snapshot under {seq} covers seq {snapshot['seq']}"
         return snapshot

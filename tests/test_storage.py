@@ -8,9 +8,10 @@ import msgpack
 import pytest
 import trio
 
+from engine.core import State, apply
 from engine.snapshot_files import SnapshotFileDamaged, file_name
 from engine.storage import LmdbStorage, StorageError
-from protocol import ServerError, open_trio_client
+from protocol import Adjust, Line, Reserve, ServerError, open_trio_client
 
 
 def _event(seq: int, ts_ms: int = 1000) -> dict:
@@ -214,8 +215,30 @@ def test_a_damaged_snapshot_file_is_skipped_for_the_one_before_it(storage):
         file.write(b"\xff\xff\xff")  # a flipped byte on disk: the checksum no longer matches
     assert storage.snapshot_seqs() == [3, 5]
     assert storage.latest_snapshot()["seq"] == 3
+    head, _ = storage.latest_snapshot_sections()
+    assert head == {"seq": 3, "format": 3}
     with pytest.raises(SnapshotFileDamaged):
         storage.snapshot_at(5)
+
+
+def test_a_snapshot_file_read_a_record_at_a_time_holds_what_it_holds_whole(storage, monkeypatch):
+    monkeypatch.setattr("engine.snapshot_files.READ_CHUNK_BYTES", 1000)  # many pieces, records across them
+    state = State()
+    for index in range(300):
+        apply(state, Adjust(f"k{index}", f"SKU-{index // 3}", f"L{index % 3}", index + 1, "receipt"), 1_700_000_000_000 + index)
+    apply(state, Reserve("r1", (Line("SKU-1", "L1", 2),)), 1_700_000_001_000)
+    storage.append([_event(seq) for seq in range(1, state.seq + 1)])
+    storage.save_snapshot(state.to_snapshot())
+    whole = storage.latest_snapshot()
+    head, sections = storage.latest_snapshot_sections()
+    assert head == {"format": whole["format"], "seq": whole["seq"]}
+    assert [(name, list(records)) for name, records in sections] == [(name, whole[name]) for name in ("stocks", "reservations", "keys")]
+    assert State.from_snapshot_sections(*storage.latest_snapshot_sections()).to_snapshot() == state.to_snapshot()
+    # A section left before its end is read to its end before the next one starts.
+    _, sections = storage.latest_snapshot_sections()
+    seen = [(name, next(iter(records))) for name, records in sections]
+    assert seen == [(name, whole[name][0]) for name in ("stocks", "reservations", "keys")]
+    assert storage.latest_snapshot_sections(through_seq=state.seq - 1) is None
 
 
 def test_snapshots_stored_in_lmdb_by_earlier_versions_are_read_listed_and_pruned(storage):
@@ -224,6 +247,8 @@ def test_snapshots_stored_in_lmdb_by_earlier_versions_are_read_listed_and_pruned
     with storage._env.begin(write=True, db=storage._snapshots) as txn:  # as earlier versions wrote it
         txn.put((2).to_bytes(8, "big"), msgpack.packb(old, use_bin_type=True))
     assert storage.snapshot_seqs() == [2] and storage.latest_snapshot() == old
+    head, sections = storage.latest_snapshot_sections()
+    assert head["seq"] == 2 and [(name, list(records)) for name, records in sections] == [("stocks", []), ("reservations", []), ("keys", [])]
     storage.save_snapshot({**old, "seq": 4}, keep=1)
     assert storage.snapshot_seqs() == [4] and storage.snapshot_at(2) is None
 
