@@ -24,8 +24,8 @@ PROGRESS_CHECK_RECORDS = 10_000  # look at the clock about this often
 def recover(storage: LmdbStorage) -> tuple[State, int]:
     """Rebuild the state from `storage`. Returns `(state, records replayed)`. Blocking."""
     started = time.monotonic()
-    snapshot = storage.latest_snapshot()
-    state = State.from_snapshot(snapshot) if snapshot is not None else State()
+    snapshot = storage.latest_snapshot_sections()  # read a record at a time, not decoded whole first
+    state = State.from_snapshot_sections(*snapshot) if snapshot is not None else State()
     if snapshot is not None:
         log.info("loaded snapshot at seq %d (%d SKU-locations, %d reservations)", state.seq, len(state.stocks), len(state.reservations))
     target_seq = storage.last_seq

@@ -101,6 +101,9 @@ async def run_server(
         recovery_started = time.monotonic()
         state, replayed = await trio.to_thread.run_sync(_recover_without_cyclic_gc, storage)
         await trio.to_thread.run_sync(storage.prune_snapshots, config.snapshots_kept)  # and what killed builders left
+        # Replay read the log through the map: without this, all of it would stay mapped in (and
+        # counted in the server's RSS) until the first release by the log's commits.
+        await trio.to_thread.run_sync(storage.release_map_pages)
         recovery_seconds = time.monotonic() - recovery_started
         _tune_interpreter()
         outbox = Outbox()

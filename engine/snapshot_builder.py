@@ -120,8 +120,9 @@ class LiveBuilder:
         return state.seq == through_seq or (first_seq is not None and first_seq <= state.seq + 1)
 
     def _load(self, through_seq: int) -> State:
-        base = self._storage.latest_snapshot_through(through_seq)  # State.from_snapshot checks it in full
-        state = State.from_snapshot(base) if base is not None else State()
+        # Read a record at a time; State.from_snapshot_sections checks it in full.
+        base = self._storage.latest_snapshot_sections(through_seq)
+        state = State.from_snapshot_sections(*base) if base is not None else State()
         log.info("loaded the snapshot at seq %d (%d SKU-locations, %d reservations)", state.seq, len(state.stocks), len(state.reservations))
         return state
 

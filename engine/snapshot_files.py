@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Iterator
 import msgpack
 
 from .core import SnapshotArray
+from .core.state import SNAPSHOT_SECTIONS
 from .pause_points import pause_point
 
 MAGIC = b"ENGSNAP1"
@@ -43,6 +44,9 @@ WRITE_CHUNK_BYTES = 1024**2
 # Items of a long array packed by one `packb` call: C speed for the items (a `Packer.pack` call
 # per item costs twice the time), ~0.5-1 MiB at 60-120 bytes per packed item.
 ITEMS_PER_PIECE = 8192
+# Read in pieces too (`read_sections`): the checksum over the body, then the records, so that
+# no copy of a whole file (hundreds of MiB) is ever held.
+READ_CHUNK_BYTES = 1024**2
 
 
 class SnapshotFileDamaged(Exception):
@@ -98,6 +102,37 @@ class SnapshotFiles:
         if not isinstance(snapshot, dict) or snapshot.get("seq") != seq:
             raise SnapshotFileDamaged(f"{path}: does not hold the snapshot at seq {seq}")
         return snapshot
+
+    def read_sections(self, seq: int) -> tuple[dict[str, Any], Iterator[tuple[str, Iterator[Any]]]] | None:
+        """The snapshot at `seq` as `State.from_snapshot_sections` reads it, or None when there
+        is no such file: its head (the fields before its lists of records: format, seq) and its
+        sections, `(name, records)` in the file's order, each record decoded only as it is read.
+        The magic, length and checksum are checked first (`SnapshotFileDamaged`), reading the
+        body in pieces. The file stays open until the sections are read to their end."""
+        path = os.path.join(self.folder, file_name(seq))
+        try:
+            file = open(path, "rb")
+        except FileNotFoundError:
+            return None
+        try:
+            _check_body(path, file)  # leaves the file at the start of the body
+            unpacker = msgpack.Unpacker(file, raw=False, strict_map_key=False, use_list=True, read_size=READ_CHUNK_BYTES)
+            fields = unpacker.read_map_header()
+            head: dict[str, Any] = {}
+            first_section = None
+            while fields and first_section is None:
+                name = unpacker.unpack()
+                fields -= 1
+                if name in SNAPSHOT_SECTIONS:
+                    first_section = name
+                else:
+                    head[name] = unpacker.unpack()
+            if head.get("seq") != seq:
+                raise SnapshotFileDamaged(f"{path}: does not hold the snapshot at seq {seq}")
+        except BaseException:
+            file.close()
+            raise
+        return head, _sections(file, unpacker, first_section, fields)
 
     def write(self, snapshot: dict[str, Any]) -> int:
         """Write `snapshot` (lists or `SnapshotArray`s for its long arrays) durably: a partial
@@ -198,6 +233,37 @@ def _write_synced(file: BinaryIO, data: bytes | bytearray) -> None:
     file.write(data)
     file.flush()
     os.fdatasync(file.fileno())
+def _check_body(path: str, file: BinaryIO) -> None:
+    """Check the magic, the length and the checksum of the body of the snapshot file open in
+    `file`, reading it in pieces; leave the file at the start of the body."""
+    header = file.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise SnapshotFileDamaged(f"{path}: {len(header)} bytes, shorter than its header")
+    magic, length, crc = _HEADER.unpack(header)
+    body_crc, body_length = 0, 0
+    while piece := file.read(READ_CHUNK_BYTES):
+        body_crc = zlib.crc32(piece, body_crc)
+        body_length += len(piece)
+    if magic != MAGIC or length != body_length or body_crc != crc:
+        raise SnapshotFileDamaged(f"{path}: bad magic, length or checksum")
+    file.seek(_HEADER.size)
+
+
+def _sections(file: BinaryIO, unpacker: msgpack.Unpacker, name: str | None, fields: int) -> Iterator[tuple[str, Iterator[Any]]]:
+    """The sections of a snapshot from `unpacker`, positioned at the list of section `name`,
+    with `fields` fields of the map after it. Each section's records are read as they are
+    asked for; a section left before its end is read to its end before the next one."""
+    with file:
+        while name is not None:
+            assert name in SNAPSHOT_SECTIONS, f"snapshot field {name!r} after its sections"
+            records = islice(unpacker, unpacker.read_array_header())  # the next n objects: the list's items
+            yield name, records
+            for _ in records:  # what the reader left of this section
+                pass
+            name = None
+            if fields:
+                name = unpacker.unpack()
+                fields -= 1
 
 
 def _fsync_folder(folder: str) -> None:

@@ -7,13 +7,16 @@ the single keyed ops, and the conversion of format 1 snapshots.
 
 from __future__ import annotations
 
+import struct
+import sys
 from typing import Any
 
 import msgpack
 import pytest
 
 from engine.core import KeyRecord, State, apply, apply_event, check_event, check_invariants
-from engine.core.state import SNAPSHOT_FORMAT
+from engine.core.state import SHARED_INT_MAX, SNAPSHOT_FORMAT, packed_key_at_ms
+from engine.shell.verify import contents_of_snapshot, contents_of_state
 from protocol import (
     LINES_PER_BATCH_MAX,
     MAX_FRAME_BYTES,
@@ -171,7 +174,7 @@ def test_count_batch_sets_every_line_in_one_event_and_replies_per_line() -> None
         {"sku": "B", "loc": "X", "on_hand": 0, "reserved": 0, "available": 0, "variance": 0},
     ]}
     assert figures(state, "A", "Y") == (3, 0, 3)
-    assert state.locations["A"] == ["X", "Y"]
+    assert state.locations_of("A") == ["X", "Y"]
     # Every line's SKU-location carries the batch's seq.
     assert state.stock("B", "X").last_seq == state.stock("A", "X").last_seq == reply["seq"] == state.seq
 
@@ -299,7 +302,7 @@ def test_replay_of_batch_events_reproduces_the_state_and_snapshots_round_trip() 
         apply_event(replayed, event)
     assert replayed.to_snapshot() == state.to_snapshot()
     snapshot = msgpack.unpackb(msgpack.packb(state.to_snapshot(), use_bin_type=True), raw=False, strict_map_key=False)
-    assert snapshot["format"] == SNAPSHOT_FORMAT == 3
+    assert snapshot["format"] == SNAPSHOT_FORMAT == 4
     restored = State.from_snapshot(snapshot)
     assert restored.to_snapshot() == state.to_snapshot()
     # The restored state answers retries exactly as the original does.
@@ -313,11 +316,45 @@ def test_replay_of_batch_events_reproduces_the_state_and_snapshots_round_trip() 
 def test_a_key_record_packs_and_unpacks_and_costs_no_more_than_its_figures() -> None:
     record = KeyRecord(b"\x01" * 16, 1_700_000_000_000, 12, (5, -3))
     packed = record.pack()
-    assert isinstance(packed, bytes) and len(packed) == 32 + 16
-    assert KeyRecord.unpack(packed) == record
+    assert isinstance(packed, bytes) and len(packed) == 30 + 16
+    assert KeyRecord.unpack(packed) == record and packed_key_at_ms(packed) == record.at_ms
+    for at_ms in (0, (1 << 32) - 1, 1 << 32, (1 << 48) - 1):  # the 6 bytes of at_ms, at their edges
+        assert KeyRecord.unpack(record._replace(at_ms=at_ms).pack()).at_ms == at_ms
+    with pytest.raises(AssertionError):
+        record._replace(at_ms=1 << 48).pack()
     state = State()
     do(state, Adjust("k", "A", "X", 5, "receipt"))
-    assert isinstance(state.keys["k"], bytes) and len(state.keys["k"]) == 48
+    assert isinstance(state.keys["k"], bytes) and len(state.keys["k"]) == 46
+    # 46 bytes: a bytes object of 79, one 80-byte block of the allocator (48: 81, a 96-byte block).
+    assert sys.getsizeof(state.keys["k"]) <= 80
+
+
+def test_the_locations_of_a_sku_share_one_string_object_for_it() -> None:
+    state = State()
+    skus = ["".join(["SKU-", "1"]) for _ in range(3)]  # equal and distinct, as decoded from frames
+    assert skus[0] is not skus[1]
+    for index, (sku, loc) in enumerate(zip(skus, ("X", "Y", "Z"))):
+        do(state, Adjust(f"k{index}", sku, loc, 1, "receipt"))
+    (first, *others) = state.stocks
+    assert all(key[0] is first[0] for key in others) and len(others) == 2
+    assert state.stock_keys_by_sku["SKU-1"] == list(state.stocks) and state.locations_of("SKU-1") == ["X", "Y", "Z"]
+    check_invariants(state)
+
+
+def test_on_hand_up_to_the_shared_bound_is_one_int_object_whatever_set_it() -> None:
+    state = State()
+    thousand = [int(str(1000)) for _ in range(4)]  # equal and distinct, as decoded from frames
+    assert thousand[0] is not thousand[1]
+    do(state, CountBatch("k1", (("A", "X", thousand[0]),), None))
+    do(state, AdjustBatch("k2", (("B", "X", thousand[1]),), "receipt"))
+    do(state, Adjust("k3", "C", "X", thousand[2], "receipt"))
+    do(state, Count("k4", "D", "X", thousand[3]))
+    restored = State.from_snapshot(msgpack.unpackb(msgpack.packb(state.to_snapshot()), strict_map_key=False))
+    values = [s.stock(sku, "X").on_hand for s in (state, restored) for sku in "ABCD"]
+    assert values == [1000] * 8 and all(value is values[0] for value in values)
+    beyond = SHARED_INT_MAX + 1
+    do(state, Adjust("k5", "E", "X", beyond, "receipt"))
+    assert state.stock("E", "X").on_hand == beyond
 
 
 @pytest.mark.parametrize(
@@ -377,9 +414,26 @@ def test_a_format_1_snapshot_is_converted_and_its_keys_still_answer_retries() ->
     assert State.from_snapshot(state.to_snapshot()).to_snapshot() == state.to_snapshot()
 
 
+def test_a_format_3_snapshot_is_converted_and_its_keys_still_answer_retries() -> None:
+    state = State()
+    run_script(state, SCRIPT, [])
+    snapshot = state.to_snapshot()
+    # Format 3 packed the key records with an 8-byte at_ms.
+    old_keys = []
+    for key, packed in snapshot["keys"]:
+        record = KeyRecord.unpack(packed)
+        old_keys.append((key, struct.pack(f"<16sqq{len(record.figures)}q", record.fingerprint, record.at_ms, record.last_seq, *record.figures)))
+    format_3 = msgpack.unpackb(msgpack.packb({**snapshot, "format": 3, "keys": old_keys}), strict_map_key=False)
+    restored = State.from_snapshot(format_3)
+    assert restored.to_snapshot() == snapshot
+    assert contents_of_snapshot(format_3) == contents_of_state(state)  # what the shell's `verify` compares
+    for command in SCRIPT:
+        assert apply(restored, command, NOW + 999)[2] == apply(state, command, NOW + 999)[2]
+
+
 def test_an_unknown_snapshot_format_is_refused() -> None:
     with pytest.raises(ValueError, match="unsupported snapshot format"):
-        State.from_snapshot({**FORMAT_1_SNAPSHOT, "format": 4})
+        State.from_snapshot({**FORMAT_1_SNAPSHOT, "format": SNAPSHOT_FORMAT + 1})
 
 
 def test_query_lists_locations_sorted_whatever_order_they_appeared_in() -> None:

@@ -9,10 +9,10 @@ import pytest
 import trio
 
 import engine.snapshot_files
-from engine.core import State, apply_event
+from engine.core import State, apply, apply_event
 from engine.snapshot_files import SnapshotFileDamaged, SnapshotFiles, file_name, packed_pieces
 from engine.storage import LmdbStorage, StorageError
-from protocol import ServerError, open_trio_client
+from protocol import Adjust, Line, Reserve, ServerError, open_trio_client
 
 
 def _event(seq: int, ts_ms: int = 1000) -> dict:
@@ -153,6 +153,59 @@ def test_an_empty_storage_can_continue_after_a_seq(storage):
         storage.continue_after(20)
 
 
+def _mapped_bytes(path: str) -> int:
+    """Resident bytes of this process's mappings of the LMDB data file in `path` (smaps)."""
+    data_file = os.path.realpath(os.path.join(path, "data.mdb"))
+    mapped_kib, in_data_file, found = 0, False, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                in_data_file = len(fields) >= 6 and fields[5] == data_file
+                found = found or in_data_file
+            elif in_data_file and fields[0] == "Rss:":
+                mapped_kib += int(fields[1])
+    assert found, f"{data_file} is not mapped"
+    return mapped_kib * 1024
+
+
+def _big_events(first_seq: int, count: int, size_bytes: int) -> list[dict]:
+    return [{**_event(seq), "reason": "x" * size_bytes} for seq in range(first_seq, first_seq + count)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_the_map_pages_a_process_read_are_released(tmp_path):
+    path = str(tmp_path / "lmdb")
+    storage = LmdbStorage(path, 64 * 1024**2, map_release_after_bytes=1024**3)  # never on its own here
+    try:
+        for first_seq in range(1, 81):
+            storage.append(_big_events(first_seq, 1, 100_000))
+        assert len(storage.read(1, 100)) == 80  # reads every page through the map
+        assert _mapped_bytes(path) >= 7 * 1024**2  # 80 entries of ~100 KB
+        storage.release_map_pages()
+        assert _mapped_bytes(path) < 1024**2
+        assert [event["seq"] for event in storage.read(79, 10)] == [79, 80]  # the map reads on
+    finally:
+        storage.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_commits_release_the_map_pages_every_so_many_bytes(tmp_path):
+    path = str(tmp_path / "lmdb")
+    storage = LmdbStorage(path, 64 * 1024**2, map_release_after_bytes=1024**2)
+    try:
+        for first_seq in range(1, 81):  # ~8 MB of log, one entry of ~100 KB per commit
+            storage.append(_big_events(first_seq, 1, 100_000))
+        assert storage.map_releases == 7
+        # Every commit reads the B-tree's last pages, and the kernel maps in their neighbours,
+        # the pages just written: what is mapped now is at most what was written since the last
+        # release, and the pages around the few the commits read.
+        assert _mapped_bytes(path) < 2 * 1024**2
+        assert [event["seq"] for event in storage.read(1, 100)] == list(range(1, 81))
+    finally:
+        storage.close()
+
+
 def test_a_damaged_snapshot_file_is_skipped_for_the_one_before_it(storage):
     storage.append([_event(seq) for seq in range(1, 6)])
     for seq in (3, 5):
@@ -163,6 +216,8 @@ def test_a_damaged_snapshot_file_is_skipped_for_the_one_before_it(storage):
         file.write(b"\xff\xff\xff")  # a flipped byte on disk: the checksum no longer matches
     assert storage.snapshot_seqs() == [3, 5]
     assert storage.latest_snapshot()["seq"] == 3
+    head, _ = storage.latest_snapshot_sections()
+    assert head == {"seq": 3, "format": 3}
     with pytest.raises(SnapshotFileDamaged):
         storage.snapshot_at(5)
 
@@ -202,12 +257,34 @@ def test_a_snapshot_written_in_pieces_reads_back_whole(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "snapshots") == [file_name(state.seq)]  # no partial file left
 
 
+def test_a_snapshot_file_read_a_record_at_a_time_holds_what_it_holds_whole(storage, monkeypatch):
+    monkeypatch.setattr("engine.snapshot_files.READ_CHUNK_BYTES", 1000)  # many pieces, records across them
+    state = State()
+    for index in range(300):
+        apply(state, Adjust(f"k{index}", f"SKU-{index // 3}", f"L{index % 3}", index + 1, "receipt"), 1_700_000_000_000 + index)
+    apply(state, Reserve("r1", (Line("SKU-1", "L1", 2),)), 1_700_000_001_000)
+    storage.append([_event(seq) for seq in range(1, state.seq + 1)])
+    storage.save_snapshot(state.to_snapshot())
+    whole = storage.latest_snapshot()
+    head, sections = storage.latest_snapshot_sections()
+    assert head == {"format": whole["format"], "seq": whole["seq"]}
+    assert [(name, list(records)) for name, records in sections] == [(name, whole[name]) for name in ("stocks", "reservations", "keys")]
+    assert State.from_snapshot_sections(*storage.latest_snapshot_sections()).to_snapshot() == state.to_snapshot()
+    # A section left before its end is read to its end before the next one starts.
+    _, sections = storage.latest_snapshot_sections()
+    seen = [(name, next(iter(records))) for name, records in sections]
+    assert seen == [(name, whole[name][0]) for name in ("stocks", "reservations", "keys")]
+    assert storage.latest_snapshot_sections(through_seq=state.seq - 1) is None
+
+
 def test_snapshots_stored_in_lmdb_by_earlier_versions_are_read_listed_and_pruned(storage):
     storage.append([_event(seq) for seq in range(1, 6)])
     old = {"seq": 2, "format": 3, "stocks": [], "reservations": [], "keys": []}
     with storage._env.begin(write=True, db=storage._snapshots) as txn:  # as earlier versions wrote it
         txn.put((2).to_bytes(8, "big"), msgpack.packb(old, use_bin_type=True))
     assert storage.snapshot_seqs() == [2] and storage.latest_snapshot() == old
+    head, sections = storage.latest_snapshot_sections()
+    assert head["seq"] == 2 and [(name, list(records)) for name, records in sections] == [("stocks", []), ("reservations", []), ("keys", [])]
     storage.save_snapshot({**old, "seq": 4}, keep=1)
     assert storage.snapshot_seqs() == [4] and storage.snapshot_at(2) is None
 

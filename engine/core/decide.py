@@ -441,8 +441,9 @@ def _query(context: _Context, command: Query) -> Reply:
     locations = []
     total = {"on_hand": 0, "reserved": 0, "available": 0}
     seq = 0
-    for loc in sorted(context.state.locations.get(command.sku, ())):
-        stock = context.state.stocks[(command.sku, loc)]
+    stocks = context.state.stocks
+    for key in sorted(context.state.stock_keys_by_sku.get(command.sku, ())):  # one SKU: by location
+        loc, stock = key[1], stocks[key]
         figures = stock.figures()
         locations.append({"loc": loc, **figures})
         for name, value in figures.items():

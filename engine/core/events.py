@@ -19,11 +19,14 @@ from .state import (
     RECORD_PER_LINE,
     RECORD_STATE,
     RELEASED,
+    SHARED_INT_MAX,
+    SHARED_INTS,
     KeyRecord,
     State,
     fingerprint,
     record_lines,
     reserve_fingerprint,
+    shared_int,
 )
 
 Event = dict[str, Any]
@@ -135,7 +138,7 @@ def _close(state: State, event: Event, new_state: str, committed: tuple | None) 
         if committed_qty is not None:
             shipped = committed_qty.get((sku, loc), 0)
             assert 0 <= shipped <= qty, f"event {seq}: commits {shipped} of a {qty} hold"
-            stock.on_hand -= shipped
+            stock.on_hand = shared_int(stock.on_hand - shipped)
             assert stock.on_hand >= 0, f"event {seq}: on_hand below zero at {(sku, loc)}"
             body[index * RECORD_PER_LINE + 4] = shipped
     head = record[:RECORD_STATE] + (new_state, event["ts_ms"], seq, committed is not None)
@@ -182,7 +185,7 @@ def _remember_key(state: State, event: Event, payload_fingerprint: bytes, figure
 def _apply_adjusted(state: State, event: Event) -> None:
     sku, loc = event["sku"], event["loc"]
     stock = state.stock_for_update(sku, loc)
-    stock.on_hand += event["delta"]
+    stock.on_hand = shared_int(stock.on_hand + event["delta"])
     assert stock.on_hand >= 0, f"event {event['seq']}: on_hand below zero at {(sku, loc)}"
     stock.last_seq = event["seq"]
     _remember_key(state, event, adjust_fingerprint(sku, loc, event["delta"], event["reason"]), (stock.on_hand, stock.reserved))
@@ -192,7 +195,7 @@ def _apply_counted(state: State, event: Event) -> None:
     sku, loc = event["sku"], event["loc"]
     stock = state.stock_for_update(sku, loc)
     assert stock.on_hand + event["variance"] == event["on_hand"], f"event {event['seq']}: variance does not match"
-    stock.on_hand = event["on_hand"]
+    stock.on_hand = shared_int(event["on_hand"])
     stock.last_seq = event["seq"]
     _remember_key(state, event, count_fingerprint(sku, loc, event["on_hand"], event["reason"]), (stock.reserved, event["variance"]))
 
@@ -200,6 +203,7 @@ def _apply_counted(state: State, event: Event) -> None:
 def _apply_adjusted_batch(state: State, event: Event) -> None:
     seq = event["seq"]
     stocks = state.stocks  # the loops below run per line of up to thousands: locals, no calls
+    shared_ints = SHARED_INTS  # `shared_int`, written out
     lines = []
     figures: list[int] = []
     for line in event["lines"]:
@@ -207,7 +211,8 @@ def _apply_adjusted_batch(state: State, event: Event) -> None:
         stock = stocks.get((sku, loc))
         if stock is None:
             stock = state.stock_for_update(sku, loc)
-        stock.on_hand += delta
+        on_hand = stock.on_hand + delta
+        stock.on_hand = shared_ints[on_hand] if 0 <= on_hand <= SHARED_INT_MAX else on_hand
         assert stock.on_hand >= 0, f"event {seq}: on_hand below zero at {(sku, loc)}"
         stock.last_seq = seq
         lines.append((sku, loc, delta))
@@ -219,6 +224,7 @@ def _apply_adjusted_batch(state: State, event: Event) -> None:
 def _apply_counted_batch(state: State, event: Event) -> None:
     seq = event["seq"]
     stocks = state.stocks
+    shared_ints = SHARED_INTS
     lines = []
     figures: list[int] = []
     for line in event["lines"]:
@@ -227,7 +233,7 @@ def _apply_counted_batch(state: State, event: Event) -> None:
         if stock is None:
             stock = state.stock_for_update(sku, loc)
         assert stock.on_hand + variance == on_hand, f"event {seq}: variance does not match at {(sku, loc)}"
-        stock.on_hand = on_hand
+        stock.on_hand = shared_ints[on_hand] if 0 <= on_hand <= SHARED_INT_MAX else on_hand
         stock.last_seq = seq
         lines.append((sku, loc, on_hand))
         figures.append(stock.reserved)
@@ -240,8 +246,8 @@ def _apply_transferred(state: State, event: Event) -> None:
     source = state.stock_for_update(sku, event["from"])
     target = state.stock_for_update(sku, event["to"])
     assert source is not target
-    source.on_hand -= qty
-    target.on_hand += qty
+    source.on_hand = shared_int(source.on_hand - qty)
+    target.on_hand = shared_int(target.on_hand + qty)
     assert source.on_hand >= 0, f"event {event['seq']}: on_hand below zero at {(sku, event['from'])}"
     source.last_seq = target.last_seq = event["seq"]
     figures = (source.on_hand, source.reserved, target.on_hand, target.reserved)

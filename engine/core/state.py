@@ -11,7 +11,7 @@ import struct
 import sys
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import msgpack
 
@@ -22,9 +22,11 @@ EXPIRED = "expired"
 RESERVATION_STATES = (HELD, COMMITTED, RELEASED, EXPIRED)
 
 # 2: a used key is a packed `KeyRecord` (bytes), not its fingerprint tuple and reply map.
-# Format 1 snapshots are still read (converted on load), so existing data folders start.
-SNAPSHOT_FORMAT = 3  # 3: reservations as their flat records; 2: nested, keys packed; 1: keys with replies
-SNAPSHOT_FORMATS_READ = (1, 2, 3)
+# Older snapshots are still read (converted on load), so existing data folders start.
+# 4: key records with a 6-byte at_ms; 3: reservations as their flat records; 2: nested, keys
+# packed; 1: keys with replies.
+SNAPSHOT_FORMAT = 4
+SNAPSHOT_FORMATS_READ = (1, 2, 3, 4)
 
 StockKey = tuple[str, str]  # (sku, loc)
 LineTuple = tuple[str, str, int]  # (sku, loc, qty)
@@ -47,6 +49,18 @@ class Stock:
 
 
 ZERO_STOCK = Stock()
+
+# Stock levels are mostly small numbers. CPython shares one object for each int from -5 to 256;
+# any other `on_hand` is an int object of its SKU-location's own (32 bytes: 24 MB for 1M
+# SKU-locations holding 1 to 1000 units). `shared_int` shares those up to 4095 too, from one
+# table (160 KiB); `events` stores every new `on_hand` through it.
+SHARED_INT_MAX = 4095
+SHARED_INTS = tuple(range(SHARED_INT_MAX + 1))
+
+
+def shared_int(value: int) -> int:
+    """`value`, as the one shared object for it when it is in 0..SHARED_INT_MAX."""
+    return SHARED_INTS[value] if 0 <= value <= SHARED_INT_MAX else value
 
 
 class Reservation(NamedTuple):
@@ -138,7 +152,14 @@ def fingerprint(*payload: Any) -> bytes:
     return hashlib.blake2b(msgpack.packb(payload, use_bin_type=True), digest_size=FINGERPRINT_BYTES).digest()
 
 
-_KEY_RECORD_HEAD = struct.Struct("<16sqq")  # fingerprint, at_ms, last_seq
+# fingerprint, at_ms in 6 bytes (its low 32 bits, then its high 16: up to the year 10889),
+# last_seq; then the figures, 8 bytes each. A single adjust or count packs into 46 bytes, a bytes
+# object of 79, which the allocator serves from an 80-byte block (it hands out multiples of 16);
+# with an 8-byte at_ms (snapshot formats 2 and 3) it was 81 bytes, a 96-byte block.
+_KEY_RECORD_HEAD = struct.Struct("<16sIHq")
+_KEY_RECORD_AT_MS = struct.Struct("<IH")  # at 16
+_AT_MS_LIMIT = 1 << 48
+_KEY_RECORD_HEAD_FORMAT_3 = struct.Struct("<16sqq")  # fingerprint, at_ms, last_seq (formats 2, 3)
 
 
 class KeyRecord(NamedTuple):
@@ -149,8 +170,8 @@ class KeyRecord(NamedTuple):
     the `figures` after the change (per op: see `engine.core.events`). A retry carries the same
     payload, so the names in the original reply come from the retry itself.
 
-    In `State.keys` a record is kept packed (`pack`): one bytes object of 32 + 8 x figures
-    bytes, about 90 bytes of memory for a single op, instead of a reply map and a tuple.
+    In `State.keys` a record is kept packed (`pack`): one bytes object of 30 + 8 x figures
+    bytes, 80 bytes of memory for a single adjust or count, instead of a reply map and a tuple.
     """
 
     fingerprint: bytes
@@ -160,13 +181,15 @@ class KeyRecord(NamedTuple):
 
     def pack(self) -> bytes:
         # int64 figures: on_hand grows by at most 2^31 per change, so this bound is never near.
-        return _key_record_struct(len(self.figures)).pack(self.fingerprint, self.at_ms, self.last_seq, *self.figures)
+        at_ms = self.at_ms
+        assert 0 <= at_ms < _AT_MS_LIMIT, f"key record at_ms {at_ms} is not a time since 1970 in 48 bits"
+        return _key_record_struct(len(self.figures)).pack(self.fingerprint, at_ms & 0xFFFF_FFFF, at_ms >> 32, self.last_seq, *self.figures)
 
     @classmethod
     def unpack(cls, data: bytes) -> "KeyRecord":
         """The record packed in `data`."""
-        fingerprint_bytes, at_ms, last_seq, *figures = _key_record_struct((len(data) - _KEY_RECORD_HEAD.size) // 8).unpack(data)
-        return cls(fingerprint_bytes, at_ms, last_seq, tuple(figures))
+        fingerprint_bytes, at_ms_low, at_ms_high, last_seq, *figures = _key_record_struct((len(data) - _KEY_RECORD_HEAD.size) // 8).unpack(data)
+        return cls(fingerprint_bytes, at_ms_high << 32 | at_ms_low, last_seq, tuple(figures))
 
 
 _KEY_RECORD_STRUCTS: dict[int, struct.Struct] = {}
@@ -177,7 +200,7 @@ def _key_record_struct(figure_count: int) -> struct.Struct:
     # at most LINES_PER_BATCH_MAX + 1 layouts (a few hundred bytes each).
     layout = _KEY_RECORD_STRUCTS.get(figure_count)
     if layout is None:
-        layout = _KEY_RECORD_STRUCTS[figure_count] = struct.Struct(f"<16sqq{figure_count}q")
+        layout = _KEY_RECORD_STRUCTS[figure_count] = struct.Struct(f"<16sIHq{figure_count}q")
     return layout
 
 
@@ -187,7 +210,16 @@ def _closed_at_ms_of(item: tuple[int | None, str]) -> int:
 
 def packed_key_at_ms(data: bytes) -> int:
     """`at_ms` of a packed `KeyRecord`, without unpacking the rest (forgetting scans every key)."""
-    return _KEY_RECORD_HEAD.unpack_from(data)[1]
+    at_ms_low, at_ms_high = _KEY_RECORD_AT_MS.unpack_from(data, 16)
+    return at_ms_high << 32 | at_ms_low
+
+
+def key_record_from_format_3(data: bytes) -> bytes:
+    """A key record as snapshot formats 2 and 3 packed it (an 8-byte at_ms), packed as now."""
+    figure_count, rest = divmod(len(data) - _KEY_RECORD_HEAD_FORMAT_3.size, 8)
+    assert figure_count >= 0 and rest == 0, f"a key record of {len(data)} bytes"
+    fingerprint_bytes, at_ms, last_seq, *figures = struct.unpack(f"<16sqq{figure_count}q", data)
+    return KeyRecord(fingerprint_bytes, at_ms, last_seq, tuple(figures)).pack()
 
 
 class SnapshotArray(NamedTuple):
@@ -202,10 +234,14 @@ class SnapshotArray(NamedTuple):
 class State:
     seq: int = 0  # seq of the last applied event
     stocks: dict[StockKey, Stock] = field(default_factory=dict)
-    # sku -> its locations, in the order they appeared (index for `query`). A list, not a set:
-    # a location is added once, when its stock is created, and a small set costs 216 to 728
-    # bytes where a list costs 64 to 120.
-    locations: dict[str, list[str]] = field(default_factory=dict)
+    # sku -> the keys of its SKU-locations in `stocks`, in the order they appeared (the index
+    # for `query`). The keys themselves, not the location names: a new SKU-location of a known
+    # SKU takes the SKU's string from them, so that all the locations of a SKU share one string
+    # object instead of each keeping the one its first request decoded (64 bytes for a
+    # 12-character SKU: 51 bytes per SKU-location at 5 locations per SKU). A list, not a set:
+    # a key is added once, when its stock is created, and a small set costs 216 to 728 bytes
+    # where a list costs 64 to 120.
+    stock_keys_by_sku: dict[str, list[StockKey]] = field(default_factory=dict)
     reservations: dict[str, tuple] = field(default_factory=dict)  # rid -> Reservation record
     keys: dict[str, bytes] = field(default_factory=dict)  # key -> packed KeyRecord
     # Kept by `apply_event` as reservations open and close, so that counting them (`stats`, a
@@ -241,15 +277,22 @@ class State:
 
     def _new_stock(self, sku: str, loc: str) -> Stock:
         # Locations are few and shared by many SKUs: one string object per location name
-        # instead of one per SKU-location (~50 bytes each).
+        # instead of one per SKU-location (~50 bytes each). The SKU's string is its first
+        # SKU-location's (see `stock_keys_by_sku`).
         loc = sys.intern(loc)
-        stock = self.stocks[(sku, loc)] = Stock()
-        locations = self.locations.get(sku)
-        if locations is None:
-            self.locations[sku] = [loc]
+        keys = self.stock_keys_by_sku.get(sku)
+        if keys is None:
+            key = (sku, loc)
+            self.stock_keys_by_sku[sku] = [key]
         else:
-            locations.append(loc)
+            key = (keys[0][0], loc)
+            keys.append(key)
+        stock = self.stocks[key] = Stock()
         return stock
+
+    def locations_of(self, sku: str) -> list[str]:
+        """The locations the SKU has stock records at, in the order they appeared."""
+        return [loc for _, loc in self.stock_keys_by_sku.get(sku, ())]
 
     def key_record(self, key: str) -> KeyRecord | None:
         """The record of a used key, or None."""
@@ -271,7 +314,7 @@ class State:
         """`to_snapshot` with its long lists given as `SnapshotArray`s (a length and an iterator),
         so that a writer packs them a piece at a time instead of holding lists of millions of
         tuples and their whole encoding at once. Iterate them before the state changes."""
-        return {
+        return {  # the head first, then the sections in the order of `SNAPSHOT_SECTIONS`: files are read in it
             "format": SNAPSHOT_FORMAT,
             "seq": self.seq,
             "stocks": SnapshotArray(len(self.stocks), ((sku, loc, s.on_hand, s.reserved, s.last_seq) for (sku, loc), s in self.stocks.items())),
@@ -281,39 +324,78 @@ class State:
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any]) -> "State":
-        """The state a snapshot describes (format 3, or formats 1 and 2 converted)."""
-        if data.get("format") not in SNAPSHOT_FORMATS_READ:
-            raise ValueError(f"unsupported snapshot format {data.get('format')!r}")
-        state = cls(seq=data["seq"])
-        for sku, loc, on_hand, reserved, last_seq in data["stocks"]:
-            stock = state.stock_for_update(sku, loc)
-            stock.on_hand, stock.reserved, stock.last_seq = on_hand, reserved, last_seq
-        reservations = state.reservations
-        if data["format"] >= 3:
-            for record in data["reservations"]:
-                assert len(record) > RECORD_HEAD and (len(record) - RECORD_HEAD) % RECORD_PER_LINE == 0, f"bad reservation record {record[:1]!r}"
-                reservations[record[0]] = tuple(record)
-        # Formats 1 and 2 kept lines, granted figures and committed lines nested.
-        for (rid, lines, ttl_ms, ref, expires_at_ms, created_at_ms, granted, status, closed_at_ms, committed, last_seq) in (
-            data["reservations"] if data["format"] < 3 else ()
-        ):
-            reservations[rid] = Reservation(
-                rid, tuple(map(tuple, lines)), ttl_ms, ref, expires_at_ms, created_at_ms, tuple(granted),
-                status, closed_at_ms, None if committed is None else tuple(map(tuple, committed)), last_seq,
-            ).record()
-        if data["format"] == 1:
-            for key, old_fingerprint, reply, at_ms, last_seq in data["keys"]:
-                state.keys[key] = _key_record_from_format_1(old_fingerprint, reply, at_ms, last_seq).pack()
-        else:
-            for key, packed in data["keys"]:
-                assert isinstance(packed, bytes) and len(packed) >= _KEY_RECORD_HEAD.size, f"key {key!r}: bad record"
-                state.keys[key] = packed
+        """The state a snapshot describes (format 4, or formats 1 to 3 converted)."""
+        return cls.from_snapshot_sections(data, ((name, data[name]) for name in SNAPSHOT_SECTIONS))
+
+    @classmethod
+    def from_snapshot_sections(cls, head: dict[str, Any], sections: Iterable[tuple[str, Iterable[Any]]]) -> "State":
+        """`from_snapshot`, from a snapshot's `head` (its format and seq) and its `sections`:
+        `(name, records)` in the order of `SNAPSHOT_SECTIONS`, each `records` read once, in turn.
+
+        A snapshot file is read this way, a record at a time (`SnapshotFiles.read_sections`).
+        Decoded whole first, 1M SKU-locations and keys were ~300 MiB of lists and strings,
+        freed after the state was built among its own objects, where the allocator cannot give
+        them back to the system: a server restarted from its snapshot held 800 MiB, 465 before.
+        """
+        snapshot_format = head.get("format")
+        if snapshot_format not in SNAPSHOT_FORMATS_READ:
+            raise ValueError(f"unsupported snapshot format {snapshot_format!r}")
+        state = cls(seq=head["seq"])
+        names = []
+        for name, records in sections:
+            names.append(name)
+            _SECTION_READERS[name](state, snapshot_format, records)
+        assert tuple(names) == SNAPSHOT_SECTIONS, f"snapshot sections {names}, expected {SNAPSHOT_SECTIONS}"
         state.held_reservations, state.held_units = count_held(state)
-        closed = [(record[RECORD_CLOSED_AT_MS], rid) for rid, record in reservations.items() if record[RECORD_STATE] != HELD]
+        closed = [(record[RECORD_CLOSED_AT_MS], rid) for rid, record in state.reservations.items() if record[RECORD_STATE] != HELD]
         closed.sort(key=_closed_at_ms_of)
         state.closed_order.extend(rid for _, rid in closed)
         check_invariants(state)
         return state
+
+
+# A snapshot's lists of records, in the order `to_snapshot` writes them (and so a snapshot file
+# holds them), after its other fields (format, seq).
+SNAPSHOT_SECTIONS = ("stocks", "reservations", "keys")
+
+
+def _read_stocks(state: State, snapshot_format: int, records: Iterable[Any]) -> None:
+    for sku, loc, on_hand, reserved, last_seq in records:
+        stock = state.stock_for_update(sku, loc)
+        stock.on_hand, stock.reserved, stock.last_seq = shared_int(on_hand), reserved, last_seq
+
+
+def _read_reservations(state: State, snapshot_format: int, records: Iterable[Any]) -> None:
+    reservations = state.reservations
+    if snapshot_format >= 3:
+        for record in records:
+            assert len(record) > RECORD_HEAD and (len(record) - RECORD_HEAD) % RECORD_PER_LINE == 0, f"bad reservation record {record[:1]!r}"
+            reservations[record[0]] = tuple(record)
+        return
+    # Formats 1 and 2 kept lines, granted figures and committed lines nested.
+    for (rid, lines, ttl_ms, ref, expires_at_ms, created_at_ms, granted, status, closed_at_ms, committed, last_seq) in records:
+        reservations[rid] = Reservation(
+            rid, tuple(map(tuple, lines)), ttl_ms, ref, expires_at_ms, created_at_ms, tuple(granted),
+            status, closed_at_ms, None if committed is None else tuple(map(tuple, committed)), last_seq,
+        ).record()
+
+
+def _read_keys(state: State, snapshot_format: int, records: Iterable[Any]) -> None:
+    keys = state.keys
+    if snapshot_format == 1:
+        for key, old_fingerprint, reply, at_ms, last_seq in records:
+            keys[key] = _key_record_from_format_1(old_fingerprint, reply, at_ms, last_seq).pack()
+    elif snapshot_format < 4:
+        for key, packed in records:
+            assert isinstance(packed, bytes), f"key {key!r}: bad record"
+            keys[key] = key_record_from_format_3(packed)
+    else:
+        for key, packed in records:
+            assert isinstance(packed, bytes) and len(packed) >= _KEY_RECORD_HEAD.size and (len(packed) - _KEY_RECORD_HEAD.size) % 8 == 0, f"key {key!r}: bad record"
+            keys[key] = packed
+
+
+_SECTION_READERS = {"stocks": _read_stocks, "reservations": _read_reservations, "keys": _read_keys}
 
 
 def _key_record_from_format_1(old_fingerprint: list, reply: dict[str, Any], at_ms: int, last_seq: int) -> KeyRecord:
@@ -365,9 +447,12 @@ def check_invariants(state: State) -> None:
         assert stock.last_seq <= state.seq, f"{key}: last_seq {stock.last_seq} beyond state seq {state.seq}"
     for key in held:
         assert key in state.stocks, f"{key}: held lines on an unknown SKU-location"
-    for sku, locs in state.locations.items():
-        for loc in locs:
-            assert (sku, loc) in state.stocks, f"index names unknown SKU-location {(sku, loc)}"
+    indexed = 0
+    for sku, keys in state.stock_keys_by_sku.items():
+        for key in keys:
+            assert key[0] == sku and key in state.stocks, f"index of {sku!r} names unknown SKU-location {key}"
+        indexed += len(keys)
+    assert indexed == len(state.stocks), f"{len(state.stocks)} SKU-locations, {indexed} indexed"
     in_close_order = set(state.closed_order)
     for rid, record in state.reservations.items():
         assert record[RECORD_STATE] == HELD or rid in in_close_order, f"closed reservation {rid!r} missing from the close order"

@@ -86,7 +86,7 @@ def filtered_events(folder: DataFolder, arguments: argparse.Namespace) -> Iterat
         # Only `reserved` carries the ref: learn the rids from the snapshot and from every
         # earlier event, so that a release in range is found even when its reserve is not.
         snapshot = folder.storage.latest_snapshot()
-        if snapshot is not None and snapshot.get("format") == 3:
+        if snapshot is not None and snapshot.get("format") in (3, 4):  # flat reservation records
             rids_with_ref.update(record[0] for record in snapshot["reservations"] if record[2] == arguments.ref)
         scan_from = 1
     else:

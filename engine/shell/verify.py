@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import KeyRecord, Reservation, State, check_invariants
+from ..core.state import SNAPSHOT_FORMAT, key_record_from_format_3
 from .commands import FAILED, OK, Command, Session
 from .data_folder import DataFolder, ReplayBase, ShellError
 
@@ -34,15 +35,26 @@ class Contents:
 
 
 def contents_of_snapshot(snapshot: dict[str, Any]) -> Contents:
-    """The contents a snapshot holds, as stored (format 3 read raw; older formats converted)."""
-    if snapshot.get("format") != 3:
+    """The contents a snapshot holds, as stored (formats 3 and 4 read raw, format 3's key records
+    repacked as now; older formats converted)."""
+    if snapshot.get("format") not in (3, SNAPSHOT_FORMAT):
         return contents_of_state(State.from_snapshot(snapshot))
+    keys = dict(snapshot["keys"])
+    if snapshot["format"] == 3:
+        keys = {key: _repacked_format_3(data) for key, data in keys.items()}
     return Contents(
         snapshot["seq"],
         {(sku, loc): (on_hand, reserved, last_seq) for sku, loc, on_hand, reserved, last_seq in snapshot["stocks"]},
         {record[0]: tuple(record) for record in snapshot["reservations"]},
-        dict(snapshot["keys"]),
+        keys,
     )
+
+
+def _repacked_format_3(data: Any) -> Any:
+    try:
+        return key_record_from_format_3(data)
+    except Exception:  # a corrupted record: compared as stored  # noqa: BLE001
+        return data
 
 
 def contents_of_state(state: State) -> Contents:

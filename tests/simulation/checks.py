@@ -310,7 +310,7 @@ class _ReplyChecker:
 
     def _query(self, record, reply, fields, state: State, seq: int) -> list[str]:
         sku = fields["sku"]
-        locations = sorted(state.locations.get(sku, ()))
+        locations = sorted(state.locations_of(sku))
         expected = [{"loc": loc, **state.stock(sku, loc).figures()} for loc in locations]
         last_change = max((state.stock(sku, loc).last_seq for loc in locations), default=0)
         problems = []

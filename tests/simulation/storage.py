@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import msgpack
 
 from engine.core import Event
+from engine.core.state import SNAPSHOT_SECTIONS
 from engine.storage import StorageError, _checked_entry_events, _encode_checked_entry, _key
 
 APPEND_FAILURE_MESSAGE = "simulated write failure"
@@ -111,6 +112,10 @@ class MemoryStorage:
         if not snapshots:
             return None
         return msgpack.unpackb(snapshots[max(snapshots)], raw=False, strict_map_key=False, use_list=True)
+
+    def latest_snapshot_sections(self) -> tuple[dict[str, Any], Iterator[tuple[str, Any]]] | None:
+        snapshot = self.latest_snapshot()
+        return None if snapshot is None else (snapshot, ((name, snapshot[name]) for name in SNAPSHOT_SECTIONS))
 
     def snapshot_seqs(self) -> list[int]:
         return sorted(self._disk.snapshots)
