@@ -143,12 +143,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         refusal = None
         exit_code = 0
+        interrupted_again = False
         try:
             trio.run(_serve_until_signalled, config_from_args(args))
         except* DataFolderLocked as locked:  # raised inside the signal nursery: a group
             refusal, exit_code = locked.exceptions[0], 1
         except* (InsecureListenRefused, AuthFileError, TlsConfigError) as misconfigured:
             refusal, exit_code = misconfigured.exceptions[0], 2
+        except* KeyboardInterrupt:
+            # A second SIGINT while the first one's shutdown runs (Ctrl-C twice, or a supervisor
+            # and its child both signalled): trio redelivers it when the signal receiver closes.
+            # What was acknowledged is durable either way (the log is flushed before replies).
+            interrupted_again = True
+        if interrupted_again:
+            log.warning("interrupted again while stopping")
+            return 130
         if refusal is not None:
             log.error("%s", refusal)
             return exit_code

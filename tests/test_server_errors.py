@@ -4,9 +4,11 @@ framing rules: which failures keep the connection open, which close it, and what
 
 from __future__ import annotations
 
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -649,3 +651,27 @@ def test_one_owner_task_serves_every_sku_location(server_process):
         stats = client.stats()
         assert stats["owners"] == 1 and stats["owner_messages"] >= 40
     assert process.terminate() == 0
+
+
+def test_a_second_sigint_during_shutdown_exits_quietly_and_loses_nothing(server_process, monkeypatch):
+    # The shutdown snapshot pauses (a pause point), so the second SIGINT surely lands while the
+    # first one's shutdown runs: trio redelivers it when the signal receiver closes.
+    monkeypatch.setenv("ENGINE_PAUSE_AT", "snapshot-write:1.5")
+    process = server_process()
+    with Client("127.0.0.1", process.port) as client:
+        assert client.adjust("k-sigint", "SKU-S", "DC-1", 9, "receipt")["ok"]
+    process.process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 10
+    while "pause point snapshot-write" not in process.log_text():
+        assert time.monotonic() < deadline, process.log_text()
+        time.sleep(0.02)
+    process.process.send_signal(signal.SIGINT)
+    assert process.process.wait(timeout=15) == 130
+    log_text = process.log_text()
+    assert "interrupted again while stopping" in log_text
+    assert "Traceback" not in log_text, log_text
+    monkeypatch.delenv("ENGINE_PAUSE_AT")
+    restarted = server_process()
+    with Client("127.0.0.1", restarted.port) as client:
+        assert client.get("SKU-S", "DC-1")["on_hand"] == 9
+    assert restarted.terminate() == 0
