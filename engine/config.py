@@ -57,6 +57,9 @@ class Config:
     # wake-up drains a batch under any spread of keys; more than one so that partitions are
     # ready to move to other processes later.
     owner_tasks: int = 8  # at most OWNER_TASKS_MAX
+    # Freeze the survivors of a slow full garbage collection (`engine.gc_freezer`). Off in the
+    # in-process test servers, which share the test runner's interpreter.
+    freeze_after_slow_full_collections: bool = True
 
     id_retention_ms: int = DAY_MS  # rid/key remembered at least this long after the end
     forget_interval_seconds: float = 60.0

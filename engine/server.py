@@ -29,6 +29,7 @@ from protocol import codes, error_reply, pack
 from .access import AccessControl, check_listen_address
 from .config import Config
 from .connection import Connection, linger
+from .gc_freezer import FullCollectionFreezer
 from .outbox import Outbox
 from .owners import Owners
 from .core import State
@@ -115,6 +116,8 @@ async def run_server(
                 owners = Owners(service_nursery, config.owner_tasks, config.mailbox_messages_max)
                 engine = Engine(config, state, storage, wal, owners, outbox, clock_ms)
                 service_nursery.start_soon(engine.run_housekeeping)
+                if config.freeze_after_slow_full_collections:
+                    service_nursery.start_soon(FullCollectionFreezer().run)
                 listener = open_listener(config.host, config.port)
                 port = listener.getsockname()[1]
                 counters: Counter = Counter()

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_config(data_dir: Path, **overrides) -> Config:
     """A config for tests: any free port, a small LMDB map, the given overrides."""
-    base = Config(port=0, data_dir=str(data_dir), map_size_bytes=256 * 1024**2)
+    # No freezing of the test runner's objects (the freezer is tested on its own).
+    base = Config(port=0, data_dir=str(data_dir), map_size_bytes=256 * 1024**2, freeze_after_slow_full_collections=False)
     return dataclasses.replace(base, **overrides)
 
 

@@ -70,7 +70,7 @@ def fuzz_settings(max_examples: int) -> settings:
 
 def config_for(data_dir: Path, **overrides: Any) -> Config:
     """Like conftest.test_config: any free port, a small LMDB map; plus a small max_frame."""
-    base = Config(port=0, data_dir=str(data_dir), map_size_bytes=256 * 1024**2, max_frame_bytes=MAX_FRAME)
+    base = Config(port=0, data_dir=str(data_dir), map_size_bytes=256 * 1024**2, max_frame_bytes=MAX_FRAME, freeze_after_slow_full_collections=False)
     return dataclasses.replace(base, **overrides)
 
 
