@@ -63,6 +63,7 @@ class ModelReservation:
     state: str = HELD
     closed_at_ms: int | None = None
     committed: tuple[tuple[str, str, int], ...] | None = None
+    closed_number: int = 0  # the order reservations closed in (forgetting takes the oldest first)
 
     def fingerprint(self):
         return (tuple(sorted(self.lines)), self.ttl_ms, self.ref)
@@ -103,6 +104,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.reservations: dict[str, ModelReservation] = {}
         self.keys: dict[str, tuple[tuple, dict]] = {}  # key -> (fingerprint, original reply)
         self.key_at: dict[str, int] = {}
+        self.closes = 0
         # Granted requests, for exact retries.
         self.granted_reserves: dict[str, Reserve] = {}
         self.granted_keyed: dict[str, object] = {}
@@ -135,6 +137,8 @@ class CoreMachine(RuleBasedStateMachine):
         for sku, loc, qty in committed or ():
             self.on_hand[(sku, loc)] -= qty
         r.state, r.closed_at_ms, r.committed = new_state, self.now, committed
+        self.closes += 1
+        r.closed_number = self.closes
 
     def touch(self, rid) -> list[str]:
         """A rid op first expires a due reservation (lazily). Returns the expected event types."""
@@ -439,10 +443,9 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(age=st.sampled_from([0, 100, 500, 2_000]), limit=st.integers(1, 4))
     def forget(self, age, limit):
         before = self.now - age
-        forgotten_rids = [
-            rid for rid, r in self.reservations.items()
-            if r.state != HELD and r.closed_at_ms is not None and r.closed_at_ms < before
-        ][:limit]
+        # The oldest closed first (the model's clock never steps back, so close order is time order).
+        closed = sorted((r.closed_number, rid) for rid, r in self.reservations.items() if r.state != HELD)
+        forgotten_rids = [rid for _, rid in closed if self.reservations[rid].closed_at_ms < before][:limit]
         forgotten_keys = [key for key, at_ms in self.key_at.items() if at_ms < before][:limit]
         types = ["forgotten"] if forgotten_rids or forgotten_keys else []
         reply = self.execute(Forget(before, limit), types)
