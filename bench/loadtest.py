@@ -46,6 +46,7 @@ from protocol import (
     TlsOptionsError,
     add_connect_arguments,
     connect_options,
+    parse_address,
     tls_refusal,
 )
 
@@ -109,14 +110,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("the --tls options are for --connect: the engine the load test starts itself speaks plaintext")
     args.processes = min(args.processes, args.connections)
     return args
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """`HOST:PORT` → (host, port); ValueError says what is wrong."""
-    host, separator, port = text.rpartition(":")
-    if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--connect wants HOST:PORT, got {text!r}")
-    return host, int(port)
 
 
 def default_stock(workload: Workload, lanes: int) -> int:

@@ -69,6 +69,7 @@ from ._connect_options import (
     ConnectOptionsError,
     add_connect_arguments,
     connect_options,
+    parse_address,
     tls_refusal,
 )
 from .client import Client

@@ -88,6 +88,22 @@ def connect_options(arguments: argparse.Namespace, environment: Mapping[str, str
     return ConnectOptions(token, tls)
 
 
+DEFAULT_CONNECT_HOST = "127.0.0.1"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT` as `(host, port)`, the one reading every tool's `--connect` shares.
+
+    `:PORT` means 127.0.0.1; an IPv6 host goes in brackets (`[::1]:7440`). Raises ValueError
+    naming what was given when it is not an address with a port from 1 to 65535."""
+    host, separator, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not separator or not port.isdigit() or not 0 < int(port) < 65536 or ":" in host and not text.startswith("["):
+        raise ValueError(f"expected HOST:PORT (or :PORT for {DEFAULT_CONNECT_HOST}), got {text!r}")
+    return host or DEFAULT_CONNECT_HOST, int(port)
+
+
 def _read_token_file(path: str) -> str:
     try:
         with open(path, "rb") as file:

@@ -28,6 +28,7 @@ from protocol import (
     connect_options,
     open_trio_client,
     tls_refusal,
+    parse_address,
 )
 
 from conftest import ROOT
@@ -245,3 +246,24 @@ async def test_the_load_test_runs_over_tls(tls_server, certificates, wrong_ca_fi
     assert plaintext.returncode == 2 and "Traceback" not in text(plaintext)[1]
     own_server = await run_tool("-m", "bench.loadtest", "--tls-ca", certificates.ca_file, *tiny)
     assert own_server.returncode == 2 and "the --tls options are for --connect" in text(own_server)[1]
+
+
+@pytest.mark.parametrize("text, address", [
+    ("127.0.0.1:7440", ("127.0.0.1", 7440)), (":7440", ("127.0.0.1", 7440)),
+    ("db1.example:80", ("db1.example", 80)), ("[::1]:7440", ("::1", 7440)),
+])
+def test_every_tool_reads_connect_addresses_alike(text, address):
+    assert parse_address(text) == address
+
+
+@pytest.mark.parametrize("text", ["db1", "db1:", "db1:0", "db1:65536", "db1:http", "::1:7440", ""])
+def test_a_bad_connect_address_is_refused_naming_what_was_given(text):
+    with pytest.raises(ValueError, match=r"expected HOST:PORT \(or :PORT for 127\.0\.0\.1\), got"):
+        parse_address(text)
+
+
+def test_the_sync_command_refuses_a_bad_connect_address():
+    finished = subprocess.run([sys.executable, "-m", "engine", "sync", "--connect", "db1", "--to", "sqlite:///x.db"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert finished.returncode == 2, finished.stderr
+    assert "--connect: expected HOST:PORT" in finished.stderr and "Traceback" not in finished.stderr

@@ -11,9 +11,9 @@ import argparse
 import os
 import sys
 
-from protocol import ConnectOptionsError, TlsOptionsError, add_connect_arguments, connect_options
+from protocol import ConnectOptionsError, TlsOptionsError, add_connect_arguments, connect_options, parse_address
 
-from .commands import USAGE, Session, parse_address
+from .commands import USAGE, Session
 from .interactive import HISTORY_FILE_DEFAULT, run_interactive
 from .registry import all_commands
 from .render import Printer

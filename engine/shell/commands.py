@@ -148,14 +148,6 @@ class Command:
         return parser
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """`HOST:PORT` (or `:PORT` for 127.0.0.1) as a pair."""
-    host, _, port = text.rpartition(":")
-    if not port.isdigit():
-        raise ValueError(f"not HOST:PORT: {text!r}")
-    return host or "127.0.0.1", int(port)
-
-
 def run_command_line(session: Session, commands: dict[str, Command], line: str) -> int:
     """Parse and run one command line; print what went wrong and return the exit status."""
     printer = session.printer

@@ -8,7 +8,9 @@ import time
 import uuid
 from typing import Any
 
-from .commands import OK, Command, Session, parse_address
+from protocol import parse_address
+
+from .commands import OK, Command, Session
 from .data_folder import event_summary
 from .render import format_time_ms
 

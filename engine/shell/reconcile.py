@@ -20,9 +20,10 @@ import hashlib
 import io
 from dataclasses import dataclass
 
+from protocol import parse_address
 from protocol import requests as request_builders
 
-from .commands import FAILED, OK, Command, Session, parse_address
+from .commands import FAILED, OK, Command, Session
 from .data_folder import ShellError
 
 COUNT_ROWS_MAX = 1_000_000  # a count file is a warehouse's SKU-locations, not a log

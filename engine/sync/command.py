@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 
-from protocol import DEFAULT_HOST, DEFAULT_PORT, TlsOptionsError, add_connect_arguments, connect_options
+from protocol import DEFAULT_HOST, DEFAULT_PORT, TlsOptionsError, add_connect_arguments, connect_options, parse_address
 
 from .databases import UnsupportedDatabase, check_url, describe
 from .settings import SyncSettings
@@ -105,15 +105,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _settings(args: argparse.Namespace) -> SyncSettings:
-    host, separator, port = args.connect.rpartition(":")
-    if not separator or not host or not port.isdigit():
-        raise ValueError(f"--connect {args.connect!r}: expected HOST:PORT")
+    try:
+        host, port = parse_address(args.connect)
+    except ValueError as error:
+        raise ValueError(f"--connect: {error}") from None
     if args.batch_events_max < 1 or args.batch_window_ms < 0 or args.dead_letters_max < 1 or args.progress_seconds <= 0:
         raise ValueError("--batch-events-max, --dead-letters-max and --progress-seconds must be positive, --batch-window-ms >= 0")
     check_url(args.to)
     connect = connect_options(args)  # ConnectOptionsError is a ValueError
     return SyncSettings(
-        host=host, port=int(port), url=args.to, token=connect.token, tls=connect.tls,
+        host=host, port=port, url=args.to, token=connect.token, tls=connect.tls,
         batch_events_max=args.batch_events_max, batch_window_seconds=args.batch_window_ms / 1000,
         progress_seconds=args.progress_seconds, dead_letters_max=args.dead_letters_max,
     )
