@@ -24,7 +24,7 @@ import ssl
 
 import trio
 
-from .transport import RECEIVE_BYTES_MAX, ConnectionLost, configure_accepted_socket, send_through
+from .transport import RECEIVE_BYTES_MAX, ConnectionLost, SocketTransport, send_through
 
 log = logging.getLogger("engine.tls")
 
@@ -63,21 +63,22 @@ class TlsHandshakeFailed(Exception):
     """The peer did not complete a TLS handshake (not TLS, a wrong certificate, gone)."""
 
 
-class TlsTransport:
-    """One accepted TCP connection speaking TLS. Call `handshake` before anything else."""
+class TlsTransport(SocketTransport):
+    """One accepted TCP connection speaking TLS. Call `handshake` before anything else.
 
-    __slots__ = ("_socket", "_incoming", "_outgoing", "_tls", "_ciphertext", "_plaintext_sent_ahead", "_peer_closed_tls", "closed")
+    The socket's own handling (its options, waiting until writable, the half-close, closing)
+    is `SocketTransport`'s; reads and writes go through TLS."""
+
+    __slots__ = ("_incoming", "_outgoing", "_tls", "_ciphertext", "_plaintext_sent_ahead", "_peer_closed_tls")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext):
-        configure_accepted_socket(sock)
-        self._socket = sock
+        super().__init__(sock)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._ciphertext = bytearray()  # encrypted, not yet taken by the kernel
         self._plaintext_sent_ahead = 0  # plaintext whose ciphertext is in `_ciphertext`, not yet counted as sent
         self._peer_closed_tls = False  # its close_notify was read: nothing more will come
-        self.closed = False
 
     async def handshake(self) -> None:
         """Complete the TLS handshake. Raises `TlsHandshakeFailed`; the caller bounds the time."""
@@ -200,9 +201,6 @@ class TlsTransport:
                 log.debug("connection lost while reading: %s", error)
                 return b""
 
-    async def wait_writable(self) -> None:
-        await trio.lowlevel.wait_writable(self._socket)
-
     async def send_all(self, data: bytes) -> None:
         """Send everything, waiting while the kernel buffer is full. Raises ConnectionLost."""
         await send_through(self, data)
@@ -224,14 +222,4 @@ class TlsTransport:
                 self._send_waiting_ciphertext()
         except ConnectionLost:
             pass
-        try:
-            self._socket.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        trio.lowlevel.notify_closing(self._socket)  # wake any task waiting on it
-        self._socket.close()
+        super().send_eof()
