@@ -191,15 +191,8 @@ class TlsTransport(SocketTransport):
                 await trio.lowlevel.wait_writable(self._socket)
 
     async def _receive_ciphertext(self) -> bytes:
-        while True:
-            try:
-                await trio.lowlevel.wait_readable(self._socket)
-                return self._socket.recv(RECEIVE_BYTES_MAX)
-            except BlockingIOError:
-                continue
-            except (OSError, trio.ClosedResourceError) as error:
-                log.debug("connection lost while reading: %s", error)
-                return b""
+        """What the socket has (`SocketTransport.receive`: b"" when the peer closed or vanished)."""
+        return await SocketTransport.receive(self)
 
     async def send_all(self, data: bytes) -> None:
         """Send everything, waiting while the kernel buffer is full. Raises ConnectionLost."""
