@@ -84,6 +84,47 @@ def test_metrics_overhead_runs_both_engines_and_scrapes(tmp_path):
     assert "engine+metrics" in result.stdout and "median of the rounds' ratios" in result.stdout
 
 
+def test_idle_overhead_runs_with_and_without_idle_connections(tmp_path):
+    """`python -m bench.idle_overhead` for one short round: both runs verified, the idle ones with
+    their connections open, and each commit visiting only connections with replies waiting (at
+    most the 64 loaded ones, never the 200 idle ones too)."""
+    output = tmp_path / "idle_overhead.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.idle_overhead", "--rounds", "1", "--seconds", "1", "--modes", "pooled",
+         "--idle", "200", "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    runs = report["runs"]["pooled"]
+    (without,), (with_idle,) = runs["no idle"], runs["+200 idle"]
+    assert without["idle_connections"] == 0 and with_idle["idle_connections"] == 200
+    for run in (without, with_idle):
+        assert run["verification"]["ok"] and run["commits"] > 0
+        assert 0 < run["connections_visited_per_commit"] <= run["connections"] == 64
+    assert "with / without idle" in result.stdout and "median of the rounds' ratios" in result.stdout
+
+
+def test_core_floor_times_each_pure_step_of_granted_requests(tmp_path, capsys):
+    """`python -m bench.core_floor` on a few requests: every request granted (it asserts so),
+    each step timed, the echo's own work beside it; the collector is on again after it."""
+    import gc
+
+    from bench import core_floor
+
+    output = tmp_path / "core_floor.json"
+    assert gc.isenabled()
+    assert core_floor.main(["--requests", "200", "--repeats", "1", "--output", str(output)]) == 0
+    assert gc.isenabled()
+    summary = json.loads(output.read_text())["summary"]
+    assert set(summary) == {"hot", "orders"}
+    for figures in summary.values():
+        steps = figures["parse_us"] + figures["decide_apply_us"] + figures["pack_reply_us"] + figures["log_encode_us"]
+        assert figures["total_us"] > 0 and abs(steps - figures["total_us"]) < 0.01 + 0.01 * figures["total_us"]
+        assert figures["echo_us"] > 0
+    assert "echo's own work" in capsys.readouterr().out
+
+
 def test_disk_probe_times_durable_commits_in_a_child_process():
     from bench import disk_probe
 
