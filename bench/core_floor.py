@@ -29,7 +29,7 @@ from typing import Any, Callable
 import msgpack
 
 from bench import cli
-from bench.echo_server import _HEADER, _REPLY_PREFIX
+from bench.echo_server import answer_frames
 from engine.core import State
 from engine.core.decide import apply
 from engine.storage import _encode_checked_entry
@@ -113,24 +113,15 @@ def time_engine(workload: str, count: int, group: int) -> dict[str, float]:
 
 def time_echo(workload: str, count: int) -> float:
     """Microseconds per request of the echo server's own work on the same frames: read each
-    frame's header, decode its body, encode `{"ok": true, "id": id}` (`bench.echo_server`)."""
+    frame's header, decode its body, encode `{"ok": true, "id": id}` (`echo_server.answer_frames`)."""
     gc.collect()
     make, _ = WORKLOADS[workload]
     data = _frames(make(count))
-    unpackb, packb, pack_header, unpack_header = msgpack.unpackb, msgpack.packb, _HEADER.pack, _HEADER.unpack_from
-    view = memoryview(data)
     started = time.perf_counter()
-    offset, replies = 0, []
-    while offset < len(data):
-        (length,) = unpack_header(data, offset)
-        end = offset + 4 + length
-        message = unpackb(view[offset + 4 : end], raw=False)
-        body = _REPLY_PREFIX + packb(message.get("id"))
-        replies.append(pack_header(len(body)))
-        replies.append(body)
-        offset = end
-    b"".join(replies)
-    return (time.perf_counter() - started) * 1e6 / count
+    _, consumed = answer_frames(data)
+    elapsed = time.perf_counter() - started
+    assert consumed == len(data)
+    return elapsed * 1e6 / count
 
 
 def _summarize(workload: str, count: int, options: argparse.Namespace) -> dict[str, float]:
