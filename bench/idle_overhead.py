@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cli, systems
+from bench.rotation import rate_ratios
 from protocol import Client
 
 RESULTS = cli.RESULTS
@@ -43,8 +44,7 @@ def _server_counts(system: systems.RunningSystem) -> dict[str, int]:
         stats = client.stats()
     finally:
         client.close()
-    return {"commits": stats["wal"]["commits"], "visited": stats["outbox_connections_visited"],
-            "open": stats["connections"]["open"]}
+    return {"commits": stats["wal"]["commits"], "visited": stats["outbox_connections_visited"]}
 
 
 def _measure_counted(args: Any, system: systems.RunningSystem, workload: str, mode: str, seconds: float,
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{figures['cpu_us_per_request_median']:5.1f} us/req, "
                   f"{figures['connections_visited_per_commit_median']:5.1f} connections visited per commit (medians)")
         without, with_idle = results[mode][0], results[mode][options.idle]
-        ratio_of_medians = (statistics.median(run["requests_per_second"] for run in with_idle)
-                            / statistics.median(run["requests_per_second"] for run in without))
-        paired = statistics.median(idle_run["requests_per_second"] / plain_run["requests_per_second"]
-                                   for idle_run, plain_run in zip(with_idle, without))
+        ratio_of_medians, paired = rate_ratios(with_idle, without)
         change = max(abs(ratio_of_medians - 1), abs(paired - 1))
         verdict = "within" if change <= TARGET_CHANGE_MAX else "OUTSIDE"
         summary[mode]["with_over_without"] = {"ratio_of_medians": round(ratio_of_medians, 4), "paired_ratio_median": round(paired, 4)}

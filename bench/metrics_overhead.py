@@ -29,7 +29,7 @@ import time
 import urllib.request
 
 from bench import cli, systems
-from bench.rotation import measure_in_rotation
+from bench.rotation import measure_in_rotation, rate_ratios
 
 RESULTS = cli.RESULTS
 # A periodic snapshot is built on the event loop (seconds, once millions of closed reservations
@@ -130,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                 # Each round's runs were back to back: their ratios are less exposed to slow drifts
                 # of the machine's load than the ratio of the medians; server CPU per request is
                 # less exposed to other processes taking the cores than requests/s.
-                pairs = list(zip(runs, reference))
-                paired = statistics.median(run["requests_per_second"] / other["requests_per_second"] for run, other in pairs)
-                paired_cpu = statistics.median(run["server_cpu_us_per_request"] / other["server_cpu_us_per_request"] for run, other in pairs)
+                ratio_of_medians, paired = rate_ratios(runs, reference)
+                paired_cpu = statistics.median(run["server_cpu_us_per_request"] / other["server_cpu_us_per_request"]
+                                               for run, other in zip(runs, reference))
                 entry.update(paired_ratio_median=round(paired, 4), paired_cpu_ratio_median=round(paired_cpu, 4))
-                line += (f"; against engine: medians {(rate / statistics.median(r['requests_per_second'] for r in reference) - 1) * 100:+.1f} %,"
+                line += (f"; against engine: medians {(ratio_of_medians - 1) * 100:+.1f} %,"
                          f" median of the rounds' ratios: req/s {(paired - 1) * 100:+.1f} %, CPU per request {(paired_cpu - 1) * 100:+.1f} %")
             summary[mode][name] = entry
             print(line)

@@ -7,6 +7,7 @@ over rounds, and the median of each round's paired ratio, are what the overhead 
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Sequence
 
 from bench import cli
@@ -34,3 +35,14 @@ def measure_in_rotation(
                       f"  p99 {measurement['latency_ms_p99'] or 0:6.2f} ms"
                       f"  {'ok' if measurement['verification']['ok'] else 'FAILED'}", flush=True)
     return results, ok
+
+
+def rate_ratios(runs: Sequence[dict], reference: Sequence[dict]) -> tuple[float, float]:
+    """`runs` against `reference`, measured in the same rounds (the i-th of each back to back):
+    the ratio of their median requests/s, and the median of the rounds' paired ratios. The
+    paired ratio is less exposed to slow drifts of the machine's load."""
+    assert runs and len(runs) == len(reference)
+    ratio_of_medians = (statistics.median(run["requests_per_second"] for run in runs)
+                        / statistics.median(run["requests_per_second"] for run in reference))
+    paired = statistics.median(run["requests_per_second"] / other["requests_per_second"] for run, other in zip(runs, reference))
+    return ratio_of_medians, paired

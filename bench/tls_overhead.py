@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from bench import cli, systems
-from bench.rotation import measure_in_rotation
+from bench.rotation import measure_in_rotation, rate_ratios
 from protocol import TlsOptions
 
 RESULTS = cli.RESULTS
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu = statistics.median(run["server_cpu_us_per_request"] or 0 for run in runs)
             summary[mode][name] = {"requests_per_second_median": rate, "cpu_us_per_request_median": cpu}
             print(f"{mode:>9} {name:>11}: {rate:>9,.0f} req/s, {cpu:5.1f} us/req (medians)")
-        ratio_of_medians = (statistics.median(run["requests_per_second"] for run in over_tls)
-                            / statistics.median(run["requests_per_second"] for run in plain))
-        paired = statistics.median(tls_run["requests_per_second"] / plain_run["requests_per_second"]
-                                   for tls_run, plain_run in zip(over_tls, plain))
+        ratio_of_medians, paired = rate_ratios(over_tls, plain)
         verdict = "meets" if min(ratio_of_medians, paired) >= TARGET_RATIO_MIN else "MISSES"
         summary[mode]["tls_over_plaintext"] = {"ratio_of_medians": round(ratio_of_medians, 4), "paired_ratio_median": round(paired, 4)}
         print(f"{mode:>9} TLS / plaintext: {ratio_of_medians:.2f} (medians), {paired:.2f} (median of the rounds' ratios): "
